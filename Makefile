@@ -1,0 +1,48 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both install what is missing into
+# .venv first (uv, with the overrides in constraints/overrides.txt and the machine's local wheel
+# folder, where pip finds torch==2.13.0+cpu), then patch torchvision (scripts/fix_torchvision.py).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The local wheel folder pip is configured with (it holds the +cpu torch wheel).
+WHEELS := $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
+TINY := out/tiny-model
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint unit integration bench clean
+
+$(STAMP): pyproject.toml constraints/overrides.txt scripts/fix_torchvision.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv
+	$(BIN)/uv pip install --python $(BIN)/python $(foreach w,$(WHEELS),--find-links $(w)) \
+	  --compile-bytecode --override constraints/overrides.txt -e '.[cpu,test]'
+	$(BIN)/python scripts/fix_torchvision.py
+	touch $@
+
+install: $(STAMP)
+
+$(TINY)/config.json: $(STAMP) pipeline/testing/tiny_model.py
+	$(BIN)/python -m pipeline tiny-model $(TINY)
+
+samples/.done: $(STAMP) pipeline/testing/samples.py
+	$(BIN)/python -m pipeline samples samples
+	touch $@
+
+demo: $(TINY)/config.json samples/.done
+	$(BIN)/python -m pipeline run configs/demo.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests scripts
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+clean:
+	rm -rf out samples

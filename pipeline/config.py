@@ -1,0 +1,265 @@
+"""The run config: typed, validated at load (before any engine starts), and fingerprinted.
+
+A config is YAML shaped like `configs/demo.yaml`. Unknown keys are errors, and every error names
+the offending key path (for example `modes.0.length`). `--set key=value` overrides use the same
+dotted paths, list items by index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import prompts
+
+MODE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+# Columns every row has; mode names must not shadow them or their per-mode suffixes.
+BASE_COLUMNS = frozenset({"key", "source", "member", "shard", "width", "height", "format", "status",
+                          "error", "meta"})
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(Strict):
+    uri: str = Field(description="Local folder/file or s3://bucket/prefix holding the images.")
+    format: Literal["auto", "folder", "webdataset", "parquet", "filelist"] = Field(
+        "auto", description="How the input is laid out; auto detects it from the URI.")
+    glob: str | None = Field(None, description="Only files whose path relative to uri matches this glob.")
+    image_column: str = Field("image", description="Parquet input: column with image bytes or {bytes, path}.")
+    shard_size: int = Field(256, ge=1, le=100_000,
+                            description="Images per shard for folders and file lists; a shard is the unit of "
+                                        "commit and resume.")
+    max_pixels: int = Field(64_000_000, ge=1, description="Larger images become error rows (decompression bombs).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url.")
+
+
+class OutputConfig(Strict):
+    uri: str = Field(description="Local folder or s3://bucket/prefix for the Parquet table.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output.")
+
+
+class ModelConfig(Strict):
+    path: str = Field(description="Hugging Face id or a local model folder.")
+    revision: str | None = Field(None, description="Model revision (commit or tag) for hub ids.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int = Field(4096, ge=1024, description="Context length; prompts take ~780-900 tokens.")
+    enable_prefix_caching: bool = Field(True, description="Share the image prefix between modes of one image.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation (always on for CPU).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    quantization: Literal["fp8"] | None = Field(None, description="fp8 on GPUs that support it (H100).")
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        "auto", description="`dummy` runs the architecture on random weights (benchmarks).")
+    kv_cache_space_gb: float = Field(1.0, gt=0, description="CPU engines only: KV cache size in GiB.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine, for models bigger than one GPU.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Engine batch limit; vLLM's default when unset.")
+
+
+class Defaults(Strict):
+    """Run-level values for what a mode leaves out."""
+
+    system_prompt: str = Field(prompts.DEFAULT_SYSTEM_PROMPT, min_length=1)
+    temperature: float = Field(0.6, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    max_tokens: int = Field(256, ge=1, le=4096)
+
+
+class WeightedPrompt(Strict):
+    """One entry of a weighted prompt set: free text, or a caption type recipe, and its weight."""
+
+    weight: float = Field(1.0, gt=0)
+    prompt: str | None = None
+    type: str | None = None
+    length: str | int = "any"
+    extra: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WeightedPrompt:
+        if (self.prompt is None) == (self.type is None):
+            raise ValueError("give exactly one of `prompt` or `type`")
+        return self
+
+
+class ModeConfig(Strict):
+    name: str = Field(description="Output column for this mode's caption.")
+    type: str | None = Field(None, description="Caption type id, e.g. straightforward.")
+    prompt: str | None = Field(None, description="Free-text instruction instead of `type`.")
+    prompts: tuple[WeightedPrompt, ...] | None = Field(None, description="Weighted prompt set; one drawn per image.")
+    length: str | int = Field("any", description="any, a length word, or a word count (20-260).")
+    extra: tuple[str, ...] = Field((), description="Extra options by id or full sentence.")
+    character_name: str | None = Field(None, description="Fills {name} in the `name` extra option.")
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    prepend: str = Field("", description="Text put before every caption of this mode.")
+    append: str = Field("", description="Text put after every caption of this mode.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_column(cls, name: str) -> str:
+        if not MODE_NAME.match(name) or name in BASE_COLUMNS:
+            raise ValueError(f"mode name {name!r} must be lower_snake_case and not one of {sorted(BASE_COLUMNS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _recipe_is_valid(self) -> ModeConfig:
+        sources = [self.type is not None, self.prompt is not None, self.prompts is not None]
+        if sum(sources) != 1:
+            raise ValueError(f"mode {self.name!r}: give exactly one of `type`, `prompt` or `prompts`")
+        for recipe in self.recipes():
+            if recipe.type is not None:
+                try:
+                    prompts.caption_prompt(recipe.type, recipe.length, recipe.extra, self.character_name)
+                except ValueError as err:
+                    raise ValueError(f"mode {self.name!r}: {err}") from None
+        return self
+
+    def recipes(self) -> tuple[WeightedPrompt, ...]:
+        if self.prompts is not None:
+            return self.prompts
+        return (WeightedPrompt(prompt=self.prompt, type=self.type, length=self.length, extra=self.extra),)
+
+
+class QualityConfig(Strict):
+    max_attempts: int = Field(3, ge=1, le=10, description="Generations per (image, mode) while output glitches.")
+    retry_on: tuple[Literal["repetition", "truncated", "refusal"], ...] = Field(
+        ("repetition", "truncated", "refusal"), description="Which glitches are retried.")
+    repetition_ngram: int = Field(4, ge=2, description="A word n-gram repeated this many times is a loop.")
+    repetition_min_repeats: int = Field(4, ge=2)
+
+
+class ComputeConfig(Strict):
+    ray_address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS or a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
+    actors: int | None = Field(None, ge=1, description="Caption actors (engines); default one per GPU, or 1.")
+    gpus_per_actor: float | None = Field(None, ge=0, description="Default tensor_parallel_size on GPU clusters, "
+                                                                 "0 on CPU.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=1, description="Images per actor batch; each image sends every mode.")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per read/decode task.")
+
+
+class RunConfig(Strict):
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig
+    modes: tuple[ModeConfig, ...] = Field(description="One caption per mode and image; or a preset name.")
+    defaults: Defaults = Defaults()
+    quality: QualityConfig = QualityConfig()
+    compute: ComputeConfig = ComputeConfig()
+    seed: int = Field(0, description="Run seed; each (image, mode) seed derives from it and the image key.")
+
+    @field_validator("modes", mode="before")
+    @classmethod
+    def _expand_presets(cls, value: Any) -> Any:
+        from pipeline.modes import expand_presets
+
+        return expand_presets(value)
+
+    @model_validator(mode="after")
+    def _unique_mode_names(self) -> RunConfig:
+        if not self.modes:
+            raise ValueError("`modes` needs at least one mode")
+        names = [mode.name for mode in self.modes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"mode names must be unique, repeated: {duplicates}")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what a row contains; resume refuses a different one."""
+        from pipeline.modes import resolve_modes
+
+        material = {
+            "input": self.input.model_dump(exclude={"storage_options"}),
+            "model": self.model.model_dump(include={"path", "revision", "dtype", "quantization", "load_format"}),
+            "system_prompt": self.defaults.system_prompt,
+            "modes": [mode.describe() for mode in resolve_modes(self)],
+            "quality": self.quality.model_dump(),
+            "seed": self.seed,
+        }
+        canonical = json.dumps(material, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.0.c=value` to a nested dict/list tree in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set needs key=value, got {assignment!r}")
+    path, raw = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {path}: no list item {where}")
+            index: int | str = int(part)
+        elif isinstance(node, dict):
+            index = part
+            if not last and part not in node:
+                node[part] = {}
+        else:
+            raise ConfigError(f"--set {path}: {'.'.join(parts[:depth])} is not a section")
+        if last:
+            node[index] = _parse_value(raw)
+        else:
+            node = node[index]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {where}: {message}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    tree = json.loads(json.dumps(tree))  # deep copy, keeps the caller's tree untouched
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), input_uri: str | None = None,
+                output_uri: str | None = None) -> RunConfig:
+    """Read, override and validate a YAML run config."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections")
+    extra = list(overrides)
+    if input_uri:
+        extra.append(f"input.uri={json.dumps(input_uri)}")
+    if output_uri:
+        extra.append(f"output.uri={json.dumps(output_uri)}")
+    return build_config(tree, extra)

