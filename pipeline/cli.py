@@ -1,4 +1,4 @@
-"""`python -m pipeline` / `pipeline`: run, prompts, tiny-model, samples."""
+"""`python -m pipeline` / `pipeline`: run, status, export, gallery, prompts, tiny-model, samples."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.io.sources import SourceError
-    from pipeline.ledger import FingerprintMismatch
+    from pipeline.ledger import FingerprintMismatchError
     from pipeline.run import execute, format_summary, validate_before_start
 
     try:
@@ -28,11 +28,59 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        summary = execute(config, overwrite=args.overwrite)
-    except FingerprintMismatch as err:
+        summary = execute(config, overwrite=args.overwrite, retry_errors=args.retry_errors)
+    except FingerprintMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import format_status, status
+
+    try:
+        report = status(args.output)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_status(report))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pipeline.exports.jsonl import export_jsonl
+    from pipeline.exports.txt import export_txt
+
+    modes = [name.strip() for name in args.modes.split(",") if name.strip()] if args.modes else None
+    try:
+        if args.format == "jsonl":
+            if not args.to or args.beside_images or modes:
+                raise ValueError("jsonl export takes --to FILE and no --modes or --beside-images")
+            print(f"{export_jsonl(args.output, args.to)} rows written to {args.to}")
+            return 0
+        if bool(args.to) == args.beside_images:
+            raise ValueError("txt export takes either --to FOLDER or --beside-images")
+        counts = export_txt(args.output, args.to, modes, beside_images=args.beside_images,
+                            overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(", ".join(f"{value} {name.replace('_', ' ')}" for name, value in asdict(counts).items()))
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from pipeline.exports.gallery import write_gallery
+
+    try:
+        shown = write_gallery(args.output, args.to, sample=args.sample, seed=args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{shown} rows in {args.to}")
     return 0
 
 
@@ -74,8 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. modes.0.length=80 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="also re-caption the error rows of committed shards (e.g. after fixing files)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.set_defaults(func=cmd_run)
+
+    status = commands.add_parser("status", help="progress, counts, glitch rates and ETA of an output")
+    status.add_argument("output", help="output folder or s3:// prefix of a run")
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    status.set_defaults(func=cmd_status)
+
+    export = commands.add_parser("export", help="write committed captions as sidecar .txt files or JSONL")
+    export.add_argument("output", help="output folder or s3:// prefix of a run")
+    export.add_argument("--format", choices=("txt", "jsonl"), required=True)
+    export.add_argument("--to", help="txt: target folder; jsonl: target file (.gz/.zst compress)")
+    export.add_argument("--modes", help="txt: comma-separated modes, one line each (default: all, run order)")
+    export.add_argument("--beside-images", action="store_true",
+                        help="txt: write each .txt next to its image (local folder inputs only)")
+    export.add_argument("--overwrite", action="store_true", help="txt: replace existing .txt files")
+    export.set_defaults(func=cmd_export)
+
+    gallery = commands.add_parser("gallery", help="write a static HTML page reviewing a sample of captions")
+    gallery.add_argument("output", help="output folder or s3:// prefix of a run")
+    gallery.add_argument("--to", required=True, help="the HTML page to write")
+    gallery.add_argument("--sample", type=int, default=48, help="rows to show (default 48)")
+    gallery.add_argument("--seed", type=int, default=0, help="which sample (same seed, same rows)")
+    gallery.set_defaults(func=cmd_gallery)
 
     prompts = commands.add_parser("prompts", help="list caption types, lengths and extra options, or show a "
                                                   "mode's exact prompt")

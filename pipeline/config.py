@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -135,8 +136,8 @@ class ModeConfig(Strict):
 
 class QualityConfig(Strict):
     max_attempts: int = Field(3, ge=1, le=10, description="Generations per (image, mode) while output glitches.")
-    retry_on: tuple[Literal["repetition", "truncated", "refusal"], ...] = Field(
-        ("repetition", "truncated", "refusal"), description="Which glitches are retried.")
+    retry_on: tuple[Literal["repetition", "truncated", "refusal", "empty"], ...] = Field(
+        ("repetition", "truncated", "refusal", "empty"), description="Which glitches are retried.")
     repetition_ngram: int = Field(4, ge=2, description="A word n-gram repeated this many times is a loop.")
     repetition_min_repeats: int = Field(4, ge=2)
 
@@ -169,15 +170,16 @@ class RunConfig(Strict):
 
         return expand_presets(value)
 
-    @model_validator(mode="after")
-    def _unique_mode_names(self) -> RunConfig:
-        if not self.modes:
+    @field_validator("modes")
+    @classmethod
+    def _unique_mode_names(cls, modes: tuple[ModeConfig, ...]) -> tuple[ModeConfig, ...]:
+        if not modes:
             raise ValueError("`modes` needs at least one mode")
-        names = [mode.name for mode in self.modes]
+        names = [mode.name for mode in modes]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"mode names must be unique, repeated: {duplicates}")
-        return self
+        return modes
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what a row contains; resume refuses a different one."""
@@ -246,6 +248,23 @@ def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(_format_errors(err)) from None
 
 
+def _local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def absolute_paths(config: RunConfig) -> RunConfig:
+    """Local paths made absolute, so Ray workers with another working directory find them."""
+    model_path = os.path.expanduser(config.model.path)
+    return config.model_copy(update={
+        "input": config.input.model_copy(update={"uri": os.path.abspath(config.input.uri)})
+        if _local(config.input.uri) else config.input,
+        "output": config.output.model_copy(update={"uri": os.path.abspath(config.output.uri)})
+        if _local(config.output.uri) else config.output,
+        "model": config.model.model_copy(update={"path": os.path.abspath(model_path)})
+        if os.path.isdir(model_path) else config.model,
+    })
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), input_uri: str | None = None,
                 output_uri: str | None = None) -> RunConfig:
     """Read, override and validate a YAML run config."""
@@ -262,4 +281,4 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), i
         extra.append(f"input.uri={json.dumps(input_uri)}")
     if output_uri:
         extra.append(f"output.uri={json.dumps(output_uri)}")
-    return build_config(tree, extra)
+    return absolute_paths(build_config(tree, extra))

@@ -14,6 +14,7 @@ model's tokenizer config says.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -105,6 +106,19 @@ class CaptionActor:
         self._prompt_ids: dict[str, list[int]] = {}
         log.info("engine ready in %.1fs (%s)", time.monotonic() - started, "GPU" if on_gpu else "CPU")
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        engine = getattr(self, "llm", None)
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self.llm = None
+
+    def __del__(self) -> None:
+        # Ray Data drops the actor at the end of a run; do not leave engine processes behind.
+        with contextlib.suppress(Exception):
+            self.shutdown()
+
     def prompt_ids(self, instruction: str) -> list[int]:
         """Token ids of the full chat prompt for an instruction (cached: modes repeat)."""
         if instruction not in self._prompt_ids:
@@ -112,33 +126,33 @@ class CaptionActor:
             self._prompt_ids[instruction] = list(self.tokenizer.encode(text, add_special_tokens=False))
         return self._prompt_ids[instruction]
 
-    def _params(self, mode: ResolvedMode, seed: int) -> Any:
+    def request(self, key: str, image: Any, mode: ResolvedMode, attempt: int = 0) -> tuple[dict[str, Any], Any]:
+        """The engine request (prompt token ids + image) and sampling params for one (image, mode, attempt)."""
+        instruction = mode.instruction_for(self.config.seed, key)
+        seed = derive_seed(self.config.seed, key, mode.name, attempt)
         extra = {"top_k": mode.top_k} if mode.top_k else {}
-        return self._sampling_params(max_tokens=mode.max_tokens, temperature=mode.temperature, top_p=mode.top_p,
-                                     seed=seed, skip_special_tokens=True, **extra)
+        params = self._sampling_params(max_tokens=mode.max_tokens, temperature=mode.temperature, top_p=mode.top_p,
+                                       seed=seed, skip_special_tokens=True, **extra)
+        return {"prompt_token_ids": self.prompt_ids(instruction), "multi_modal_data": {"image": image}}, params
 
     def caption(self, keys: list[str], images: list[Any]) -> list[list[Generation]]:
         """Caption every image in every mode, retrying glitches; result[i][m] for image i, mode m."""
         quality = self.config.quality
-        instructions = [[mode.instruction_for(self.config.seed, key) for mode in self.modes] for key in keys]
         results: list[list[Generation | None]] = [[None] * len(self.modes) for _ in keys]
         # Image-major order: the modes of one image are adjacent and share its prefix.
         pending = [(i, m, 0) for i in range(len(keys)) for m in range(len(self.modes))]
         while pending:
-            requests, params = [], []
-            for i, m, attempt in pending:
-                seed = derive_seed(self.config.seed, keys[i], self.modes[m].name, attempt)
-                requests.append({"prompt_token_ids": self.prompt_ids(instructions[i][m]),
-                                 "multi_modal_data": {"image": images[i]}})
-                params.append(self._params(self.modes[m], seed))
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            requests, params = zip(*(self.request(keys[i], images[i], self.modes[m], attempt)
+                                     for i, m, attempt in pending), strict=True)
+            outputs = self.llm.generate(list(requests), list(params), use_tqdm=False)
             retry = []
             for (i, m, attempt), output, param in zip(pending, outputs, params, strict=True):
                 completion = output.outputs[0]
                 text = completion.text.strip()
                 glitch = detect_glitch(text, completion.finish_reason, quality)
+                instruction = self.modes[m].instruction_for(self.config.seed, keys[i])
                 results[i][m] = Generation(text, len(completion.token_ids), completion.finish_reason, glitch,
-                                           attempt + 1, param.seed, instructions[i][m])
+                                           attempt + 1, param.seed, instruction)
                 if glitch in quality.retry_on and attempt + 1 < quality.max_attempts:
                     retry.append((i, m, attempt + 1))
             pending = retry

@@ -19,8 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SIZE = 384
 # Formats people keep in image folders that Pillow cannot decode without plugins.
 UNSUPPORTED_EXTENSIONS = frozenset({".heic", ".heif", ".jxl", ".svg", ".psd", ".raw", ".cr2", ".nef", ".dng"})
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
-                              ".tiff", ".avif", ".ppm", ".pgm", ".pbm", ".tga", ".ico", ".jp2"}) | UNSUPPORTED_EXTENSIONS
+DECODABLE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
+                                  ".tiff", ".avif", ".ppm", ".pgm", ".pbm", ".tga", ".ico", ".jp2"})
+IMAGE_EXTENSIONS = DECODABLE_EXTENSIONS | UNSUPPORTED_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ def prepare_image(data: bytes | None, name: str = "", max_pixels: int = 64_000_0
         if extension in UNSUPPORTED_EXTENSIONS:
             return _failed(f"unsupported format: {extension} files cannot be decoded")
         return _failed("not an image: no decoder recognises the data")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # past Pillow's own limit (2 x MAX_IMAGE_PIXELS): too big
+        return _failed(f"over the pixel limit: {err}")
+    except (OSError, ValueError) as err:
         return _failed(f"not an image: {err}")
     fmt = image.format
     width, height = _oriented_size(image)

@@ -26,7 +26,7 @@ MANIFEST = "_manifest.json"
 PLAN_DONE = "_complete.json"
 
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatchError(RuntimeError):
     """The output was made with a different config."""
 
 
@@ -51,12 +51,12 @@ class Ledger:
         return self._read_json(self._path(MANIFEST))
 
     def check_fingerprint(self, fingerprint: str) -> bool:
-        """True if resuming; raise FingerprintMismatch if the output belongs to another config."""
+        """True if resuming; raise FingerprintMismatchError if the output belongs to another config."""
         manifest = self.manifest()
         if manifest is None:
             return False
         if manifest.get("fingerprint") != fingerprint:
-            raise FingerprintMismatch(
+            raise FingerprintMismatchError(
                 f"{self.fs.unstrip_protocol(self.root)} was made with config fingerprint {manifest.get('fingerprint')}"
                 f", this config's is {fingerprint} (model, modes, prompts, sampling, input or seed changed). "
                 "Use --overwrite to start over, or write to another output.")
@@ -113,6 +113,13 @@ class Ledger:
         paths = [self._path("_markers", f"{shard}.json") for shard in sorted(self.committed_ids())]
         contents = self.fs.cat(paths) if paths else {}
         return [json.loads(contents[path]) for path in paths if path in contents]
+
+    def remove_partial_writes(self) -> int:
+        """Delete temporary files a killed local write left in `data/` (readers skip them anyway)."""
+        leftovers = [name for name in list_names(self.fs, self._path("data")) if name.startswith(".tmp-")]
+        for name in leftovers:
+            self.fs.rm(self._path("data", name))
+        return len(leftovers)
 
     def clear_staging(self, shard_id: str | None = None) -> None:
         remove_tree(self.fs, self._path("_staging", shard_id) if shard_id else self._path("_staging"))

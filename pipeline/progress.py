@@ -22,7 +22,11 @@ class Progress:
     captions: int = 0
     tokens: int = 0
     shards_now: int = 0
+    captioned: int = 0  # images back from the caption actors, committed or not
     _last_log: float = 0.0
+
+    def images_arrived(self, count: int) -> None:
+        self.captioned += count
 
     def shard_done(self, stats: dict[str, Any]) -> None:
         self.shards_now += 1
@@ -38,8 +42,9 @@ class Progress:
         rate = self.shards_now / elapsed
         eta = (self.total_shards - done) / rate if rate > 0 else float("nan")
         eta_text = f"{eta:,.0f}s" if eta == eta else "unknown"
-        return (f"shards {done}/{self.total_shards} | images {self.images} this run "
-                f"({self.images / elapsed:.2f}/s) | captions {self.captions / elapsed:.2f}/s | "
+        known = f"/{self.images_known}" if self.images_known else ""
+        return (f"shards {done}/{self.total_shards} | images {self.captioned}{known} this run "
+                f"({self.captioned / elapsed:.2f}/s) | captions {self.captions / elapsed:.2f}/s | "
                 f"tokens {self.tokens / elapsed:.1f}/s | ETA {eta_text}")
 
     def maybe_log(self, force: bool = False) -> None:

@@ -43,7 +43,7 @@ def describe_mode(args: argparse.Namespace) -> str:
         for mode in resolve_modes(config):
             for instruction, weight in zip(mode.instructions, mode.weights, strict=True):
                 label = mode.name if len(mode.instructions) == 1 else f"{mode.name} (weight {weight})"
-                lines += _show(label, instruction, system, mode.sampling()) + [""]
+                lines += [*_show(label, instruction, system, mode.sampling()), ""]
         return "\n".join(lines).rstrip()
     system = args.system or prompts.DEFAULT_SYSTEM_PROMPT
     instruction = args.prompt or prompts.caption_prompt(args.type, args.length, args.extra, args.name)

@@ -1,4 +1,4 @@
-"""Glitch detection: repetition loops, runaway output, refusals.
+"""Glitch detection: repetition loops, runaway output, refusals, empty output.
 
 JoyCaption glitches in 1.5-3% of generations; its author's advice is to retry. A glitch here is a
 reason string (or None for clean output); the caption actor retries the kinds listed in
@@ -43,6 +43,8 @@ def _repeated_tags(text: str, min_repeats: int) -> bool:
 
 def detect_glitch(text: str, finish_reason: str | None, config: QualityConfig) -> str | None:
     """The kind of glitch in one generation, or None."""
+    if not text.strip():
+        return "empty"
     if REFUSAL.search(text):
         return "refusal"
     words = [word.lower() for word in _WORDS.findall(text)]

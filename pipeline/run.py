@@ -24,12 +24,12 @@ from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.engine import CaptionActor
 from pipeline.images import prepare_image
-from pipeline.io.fs import read_bytes
+from pipeline.io.fs import read_bytes, to_uri
 from pipeline.io.sources import Shard, plan_shards, read_shard
 from pipeline.ledger import Ledger
 from pipeline.modes import resolve_modes
 from pipeline.progress import Progress
-from pipeline.sink import merge_shard, output_schema, read_schema, to_table, write_fragments
+from pipeline.sink import error_keys, merge_shard, output_schema, read_schema, to_table, write_fragments
 
 log = logging.getLogger("pipeline.run")
 READ_BATCH = 16  # prepared images per block leaving a read task (~7 MB)
@@ -67,8 +67,11 @@ def public_config(config: RunConfig) -> dict[str, Any]:
 
 
 # Read stage ----------------------------------------------------------------------------------
-def _rows_of(shard: Shard, config: RunConfig) -> Iterator[dict[str, Any]]:
+def _rows_of(shard: Shard, config: RunConfig, only: list[str] | None = None) -> Iterator[dict[str, Any]]:
     size, records = read_shard(shard, config.input)
+    if only is not None:  # re-captioning a committed shard's error rows
+        wanted = set(only)
+        size, records = len(wanted), (record for record in records if record.key in wanted)
     if size == 0:
         yield {"key": shard.id, "source": shard.uri, "shard": shard.id, "shard_size": 1, "status": "error",
                "error": "no images in this shard"}
@@ -91,10 +94,10 @@ def read_and_prepare(batch: dict[str, Any], config_json: str, output_uri: str) -
     config = RunConfig.model_validate_json(config_json)
     ledger = Ledger(output_uri, config.output.storage_options)
     schema = read_schema()
-    for shard_id in batch["shard"]:
-        shard = Shard.from_json(read_bytes(ledger.fs, ledger.plan_path(str(shard_id))).decode())
+    for shard_id, only in zip(batch["shard"].to_pylist(), batch["only"].to_pylist(), strict=True):
+        shard = Shard.from_json(read_bytes(ledger.fs, ledger.plan_path(shard_id)).decode())
         chunk: list[dict[str, Any]] = []
-        for row in _rows_of(shard, config):
+        for row in _rows_of(shard, config, only):
             chunk.append(row)
             if len(chunk) == READ_BATCH:
                 yield _rows_to_table(chunk, schema)
@@ -121,6 +124,7 @@ class Committer:
     config: RunConfig
     ledger: Ledger
     progress: Progress
+    retrying: set[str] = field(default_factory=set)  # committed shards whose error rows are redone
     arrived: dict[str, set[str]] = field(default_factory=dict)
     committed: list[str] = field(default_factory=list)
 
@@ -131,13 +135,14 @@ class Committer:
 
     def add(self, shard: str, shard_size: int, keys: list[str]) -> None:
         seen = self.arrived.setdefault(shard, set())
+        self.progress.images_arrived(len(set(keys) - seen))
         seen.update(keys)
         if len(seen) >= shard_size:
             self.commit(shard)
 
     def commit(self, shard: str) -> None:
         table = merge_shard(self.config.output.uri, self.config.output.storage_options, shard, self.schema,
-                            self.metadata)
+                            self.metadata, keep_committed=shard in self.retrying)
         stats = shard_stats(table, self.mode_names)
         self.ledger.write_marker(shard, {**stats, "fingerprint": self.metadata["fingerprint"],
                                          "committed_at": time.time()})
@@ -187,8 +192,21 @@ def _actor_resources(config: RunConfig) -> tuple[int, float]:
     return actors, per_actor
 
 
-def prepare_output(config: RunConfig, overwrite: bool) -> tuple[Ledger, list[str], dict[str, Any]]:
-    """Check the fingerprint, plan (or reuse the plan), and list the shards still to do."""
+@dataclass
+class WorkList:
+    """What a run has to do: shards never committed, and committed shards whose error rows are redone."""
+
+    pending: list[str]
+    retry: dict[str, list[str]]
+    plan: dict[str, Any]
+
+    def items(self) -> list[dict[str, Any]]:
+        return ([{"shard": shard, "only": None} for shard in self.pending]
+                + [{"shard": shard, "only": keys} for shard, keys in self.retry.items()])
+
+
+def prepare_output(config: RunConfig, overwrite: bool, retry_errors: bool = False) -> tuple[Ledger, WorkList]:
+    """Check the fingerprint, plan (or reuse the plan), and list the work still to do."""
     ledger = Ledger(config.output.uri, config.output.storage_options)
     if overwrite:
         ledger.wipe()
@@ -199,29 +217,37 @@ def prepare_output(config: RunConfig, overwrite: bool) -> tuple[Ledger, list[str
         ledger.write_manifest({"fingerprint": fingerprint, "created_at": time.time(), **run_metadata(config),
                                "config": public_config(config)})
         plan = ledger.write_plan(plan_shards(config.input))
+    ledger.clear_staging()  # fragments of shards a killed run left uncommitted
+    ledger.remove_partial_writes()
     committed = ledger.committed_ids()
     pending = [shard for shard in ledger.planned_ids() if shard not in committed]
-    ledger.clear_staging()  # leftovers of killed writes
-    log.info("%s: %d shards planned, %d committed, %d to do", "resuming" if resuming else "new run",
-             plan["shards"], len(committed), len(pending))
-    return ledger, pending, plan
+    retry: dict[str, list[str]] = {}
+    if retry_errors:
+        for marker in ledger.markers():
+            if marker.get("errors"):
+                retry[marker["shard"]] = error_keys(config.output.uri, config.output.storage_options,
+                                                    marker["shard"])
+    log.info("%s: %d shards planned, %d committed, %d to do, %d to re-caption error rows of",
+             "resuming" if resuming else "new run", plan["shards"], len(committed), len(pending), len(retry))
+    return ledger, WorkList(pending, retry, plan)
 
 
-def execute(config: RunConfig, overwrite: bool = False) -> dict[str, Any]:
+def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = False) -> dict[str, Any]:
     """Run the pipeline to completion and return the summary."""
     import ray
 
     started = time.monotonic()
-    ledger, pending, plan = prepare_output(config, overwrite)
-    progress = Progress(total_shards=plan["shards"], done_shards=plan["shards"] - len(pending),
+    ledger, work = prepare_output(config, overwrite, retry_errors)
+    plan, items = work.plan, work.items()
+    progress = Progress(total_shards=plan["shards"], done_shards=plan["shards"] - len(work.pending),
                         images_known=plan.get("images_known", 0), mode_names=[m.name for m in config.modes])
-    committer = Committer(config, ledger, progress)
-    if pending:
+    committer = Committer(config, ledger, progress, retrying=set(work.retry))
+    if items:
         _init_ray(config)
         actors, gpus_per_actor = _actor_resources(config)
         config_json = config.model_dump_json()
         output = (config.output.uri, config.output.storage_options)
-        ds = ray.data.from_items([{"shard": shard} for shard in pending], override_num_blocks=len(pending))
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(read_and_prepare, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"config_json": config_json, "output_uri": output[0]},
                             num_cpus=config.compute.decode_cpus)
@@ -254,7 +280,7 @@ def summarise(ledger: Ledger, config: RunConfig, seconds: float, committed_now: 
     for bucket in modes.values():
         bucket["glitch_rate"] = round(bucket["glitched"] / ok, 4) if ok else 0.0
     return {
-        "output": ledger.fs.unstrip_protocol(ledger.root) if ledger.fs.protocol != "file" else ledger.root,
+        "output": to_uri(ledger.fs, ledger.root),
         "shards": len(markers), "shards_committed_this_run": committed_now,
         "images": sum(m["rows"] for m in markers), "ok": ok, "errors": sum(m["errors"] for m in markers),
         "modes": modes, "seconds": round(seconds, 1), "fingerprint": config.fingerprint(),

@@ -104,14 +104,27 @@ def write_fragments(table: pa.Table, output_uri: str, storage_options: dict[str,
     return reports
 
 
+def _read_parquet(fs: Any, path: str, schema: pa.Schema) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(fs, path))).cast(schema)
+
+
 def merge_shard(output_uri: str, storage_options: dict[str, Any], shard: str, schema: pa.Schema,
-                run_metadata: dict[str, Any]) -> pa.Table:
-    """Merge a shard's fragments into its part file (one row per key, sorted) and return the table."""
+                run_metadata: dict[str, Any], keep_committed: bool = False) -> pa.Table:
+    """Merge a shard's fragments into its part file (one row per key, sorted) and return the table.
+
+    With `keep_committed` (re-captioning error rows), rows of the committed part file whose keys
+    the fragments do not hold are kept; the fragments' rows replace the others.
+    """
     fs, root = open_fs(output_uri, storage_options)
     directory = staging_dir(root, shard)
-    tables = [pq.read_table(io.BytesIO(read_bytes(fs, join(directory, name)))).cast(schema)
-              for name in list_names(fs, directory) if name.endswith(".parquet") and not name.startswith(".")]
-    merged = pa.concat_tables(tables).sort_by("key")
+    fresh = [_read_parquet(fs, join(directory, name), schema) for name in list_names(fs, directory)
+             if name.endswith(".parquet") and not name.startswith(".")]
+    merged = pa.concat_tables(fresh)
+    if keep_committed:
+        committed = _read_parquet(fs, part_path(root, shard), schema)
+        kept = committed.filter(pc.invert(pc.is_in(committed.column("key"), value_set=merged.column("key"))))
+        merged = pa.concat_tables([merged, kept])
+    merged = merged.sort_by("key")
     keys = merged.column("key").to_pylist()
     keep = [i for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key]
     merged = merged.take(keep) if len(keep) != len(keys) else merged
@@ -119,3 +132,10 @@ def merge_shard(output_uri: str, storage_options: dict[str, Any], shard: str, sc
     merged = merged.replace_schema_metadata(metadata)
     write_atomic(fs, part_path(root, shard), _parquet_bytes(merged))
     return merged
+
+
+def error_keys(output_uri: str, storage_options: dict[str, Any], shard: str) -> list[str]:
+    """Keys of a committed shard's error rows."""
+    fs, root = open_fs(output_uri, storage_options)
+    table = pq.read_table(io.BytesIO(read_bytes(fs, part_path(root, shard))), columns=["key", "status"])
+    return table.filter(pc.equal(table.column("status"), "error")).column("key").to_pylist()

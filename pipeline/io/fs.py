@@ -88,9 +88,11 @@ def list_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
 
 
 def _walk_local(root: str) -> Iterator[tuple[str, int]]:
-    # Depth first, entries sorted by name: deterministic, and one directory in memory at a time.
+    # Depth first, one directory in memory at a time. A folder sorts as "name/", so paths come out in
+    # the byte order S3 lists keys in, and a local copy and an S3 copy give the same shards.
     with os.scandir(root) as scan:
-        entries = sorted(scan, key=lambda entry: entry.name)
+        entries = sorted(scan, key=lambda entry: entry.name + "/" if entry.is_dir(follow_symlinks=True)
+                         else entry.name)
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -111,7 +113,9 @@ def _walk_s3(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, in
             request["ContinuationToken"] = token
         page = fs.call_s3("list_objects_v2", **request)
         for item in page.get("Contents", []):
-            if not item["Key"].endswith("/"):
+            relative = item["Key"][len(prefix):]
+            # Skip folder markers and hidden files or folders, as the local walk does.
+            if not relative.endswith("/") and not any(part.startswith(".") for part in relative.split("/")):
                 yield f"{bucket}/{item['Key']}", int(item["Size"])
         if not page.get("IsTruncated"):
             return

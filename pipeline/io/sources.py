@@ -189,13 +189,17 @@ def _read_tar(shard: Shard, config: InputConfig) -> Reading:
     prefix = posixpath.basename(path).removesuffix(".tar")
     try:
         handle = fs.open(path, "rb")
-        archive = tarfile.open(fileobj=handle, mode="r:")
+    except OSError as err:
+        return _unreadable(shard, prefix, err)
+    try:
+        archive = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 - records() closes it
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         for info in archive.getmembers():  # headers only: seeks past member data
             if info.isfile():
                 sample, extension = _sample_key(info.name)
                 samples.setdefault(sample, {})[extension] = info
     except (OSError, tarfile.TarError, EOFError) as err:
+        handle.close()
         return _unreadable(shard, prefix, err)
 
     def records() -> Iterator[Record]:

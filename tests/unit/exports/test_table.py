@@ -1,0 +1,51 @@
+"""Reading committed rows: markers decide what is output, and rows stream a batch at a time."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipeline.exports.table import check_modes, iter_batches, iter_rows, open_output
+from tests.unit.exports.fake_output import FakeOutput
+
+
+def test_only_shards_with_markers_are_read(fake_output: FakeOutput) -> None:
+    output = open_output(str(fake_output.output))
+    assert output.shards == ("000000", "000001")
+    keys = [row["key"] for row in iter_rows(output, ["key"])]
+    assert sorted(keys) == sorted(fake_output.rows)
+    assert "uncommitted/zzz.jpg" not in keys and "staged/yyy.jpg" not in keys
+
+
+def test_rows_stream_in_small_batches(fake_output: FakeOutput) -> None:
+    output = open_output(str(fake_output.output))
+    batches = list(iter_batches(output, ["key", "status"], batch_rows=4))
+    assert max(batch.num_rows for batch in batches) == 4
+    assert sum(batch.num_rows for batch in batches) == len(fake_output.rows)
+    assert batches[0].schema.names == ["key", "status"]
+
+
+def test_marker_without_part_file_is_skipped_with_a_warning(fake_output: FakeOutput,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    (fake_output.output / "data" / "part-000001.parquet").unlink()
+    with caplog.at_level(logging.WARNING, logger="pipeline.exports"):
+        rows = list(iter_rows(open_output(str(fake_output.output)), ["shard"]))
+    assert {row["shard"] for row in rows} == {"000000"}
+    assert "000001" in caplog.text
+
+
+def test_manifest_order_and_mode_checks(fake_output: FakeOutput) -> None:
+    output = open_output(str(fake_output.output))
+    assert output.mode_names == ["tags", "description"]
+    assert output.input_uri == str(fake_output.input)
+    assert check_modes(output, None) == ["tags", "description"]
+    assert check_modes(output, ["description", "tags"]) == ["description", "tags"]
+    with pytest.raises(ValueError, match="unknown modes"):
+        check_modes(output, ["tags", "caption"])
+
+
+def test_a_folder_without_manifest_is_not_an_output(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a pipeline output"):
+        open_output(str(tmp_path))
