@@ -10,7 +10,7 @@ WHEELS := $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-lin
 TINY := out/tiny-model
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit integration bench clean
+.PHONY: install demo test lint unit integration bench bench-gpu clean
 
 $(STAMP): pyproject.toml constraints/overrides.txt scripts/fix_torchvision.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,18 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+# Benchmarks print figures as ratios against a baseline measured in the same run; JSON under out/bench/.
+bench: $(STAMP)
+	mkdir -p out/bench
+	$(BIN)/python bench/bench_decode.py --json out/bench/decode.json
+	$(BIN)/python bench/bench_plan.py --json out/bench/plan.json
+	$(BIN)/python bench/bench_throughput.py --json out/bench/throughput.json
+
+# On a GPU machine with vLLM installed (see README): JoyCaption's architecture on dummy weights.
+bench-gpu:
+	mkdir -p out/bench
+	python3 bench/bench_throughput.py --gpu --json out/bench/throughput-gpu.json
 
 clean:
 	rm -rf out samples

@@ -63,7 +63,6 @@ dry_run=false
 entrypoint_num_cpus=""
 python_cmd=python
 ray_cli=${RAY:-ray}
-resume_args=()  # this invocation without --submission-id: how to resume the run
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -72,35 +71,35 @@ while [[ $# -gt 0 ]]; do
       exit 0
       ;;
     --address)
-      needs_value "$@"; address=$2; resume_args+=("$1" "$2"); shift 2 ;;
+      needs_value "$@"; address=$2; shift 2 ;;
     --address=*)
-      address=${1#*=}; resume_args+=("$1"); shift ;;
+      address=${1#*=}; shift ;;
     --working-dir)
-      needs_value "$@"; working_dir=$2; resume_args+=("$1" "$2"); shift 2 ;;
+      needs_value "$@"; working_dir=$2; shift 2 ;;
     --working-dir=*)
-      working_dir=${1#*=}; resume_args+=("$1"); shift ;;
+      working_dir=${1#*=}; shift ;;
     --runtime-env)
-      needs_value "$@"; runtime_env=$2; resume_args+=("$1" "$2"); shift 2 ;;
+      needs_value "$@"; runtime_env=$2; shift 2 ;;
     --runtime-env=*)
-      runtime_env=${1#*=}; resume_args+=("$1"); shift ;;
+      runtime_env=${1#*=}; shift ;;
     --extra)
-      needs_value "$@"; extra=$2; resume_args+=("$1" "$2"); shift 2 ;;
+      needs_value "$@"; extra=$2; shift 2 ;;
     --extra=*)
-      extra=${1#*=}; resume_args+=("$1"); shift ;;
+      extra=${1#*=}; shift ;;
     --submission-id)
       needs_value "$@"; submission_id=$2; shift 2 ;;
     --submission-id=*)
       submission_id=${1#*=}; shift ;;
     --entrypoint-num-cpus)
-      needs_value "$@"; entrypoint_num_cpus=$2; resume_args+=("$1" "$2"); shift 2 ;;
+      needs_value "$@"; entrypoint_num_cpus=$2; shift 2 ;;
     --entrypoint-num-cpus=*)
-      entrypoint_num_cpus=${1#*=}; resume_args+=("$1"); shift ;;
+      entrypoint_num_cpus=${1#*=}; shift ;;
     --python)
-      needs_value "$@"; python_cmd=$2; resume_args+=("$1" "$2"); shift 2 ;;
+      needs_value "$@"; python_cmd=$2; shift 2 ;;
     --python=*)
-      python_cmd=${1#*=}; resume_args+=("$1"); shift ;;
+      python_cmd=${1#*=}; shift ;;
     --no-wait)
-      no_wait=true; resume_args+=("$1"); shift ;;
+      no_wait=true; shift ;;
     --dry-run)
       dry_run=true; shift ;;
     --)
@@ -126,6 +125,7 @@ case "$extra" in
   *) die "--extra must be cpu or cuda, got '$extra'" ;;
 esac
 [[ -f "$runtime_env" ]] || die "runtime env file not found: $runtime_env"
+runtime_env=$(cd "$(dirname "$runtime_env")" && pwd)/$(basename "$runtime_env")
 
 # The job runs in the uploaded copy of the working dir, so CONFIG must be a path inside it. A local
 # working dir is checked here; a remote one (s3://.../code.zip) is taken as it is.
@@ -167,6 +167,7 @@ done
 if [[ -z "$submission_id" ]]; then
   name=$(basename "$config")
   name=${name%.*}
+  name=${name#joycaption-}
   name=$(printf '%s' "$name" | tr -c 'A-Za-z0-9_-' '-')
   submission_id=joycaption-${name}-$(date -u +%Y%m%d-%H%M%S)
 fi
@@ -254,21 +255,47 @@ quoted() {
   printf '%s' "$out"
 }
 
-# ${a[@]+"${a[@]}"}: an empty array is "unbound" under `set -u` in bash before 4.4 (macOS).
-resume_cmd=$(quoted "$script_dir/submit.sh" ${resume_args[@]+"${resume_args[@]}"} -- "$config")
+# Resuming is this submission again, from anywhere: resolved address and paths, no submission id
+# (an id can be used once; the new job finds the committed shards in the output).
+resume_args=(--address "$address")
+if [[ "$working_dir" != "$repo_root" ]]; then
+  resume_args+=(--working-dir "$working_dir")
+fi
+if [[ "$runtime_env" != "$script_dir/runtime_env.yaml" ]]; then
+  resume_args+=(--runtime-env "$runtime_env")
+fi
+if [[ -n "$extra" ]]; then
+  resume_args+=(--extra "$extra")
+fi
+if [[ -n "$entrypoint_num_cpus" ]]; then
+  resume_args+=(--entrypoint-num-cpus "$entrypoint_num_cpus")
+fi
+if [[ "$python_cmd" != python ]]; then
+  resume_args+=(--python "$python_cmd")
+fi
+if [[ "$no_wait" == true ]]; then
+  resume_args+=(--no-wait)
+fi
+config_arg=$config
+if [[ "$working_dir" != *://* ]]; then
+  config_arg=$working_dir/$config
+fi
+resume_cmd=$(quoted "$script_dir/submit.sh" "${resume_args[@]}" -- "$config_arg")
 if [[ ${#pipeline_args[@]} -gt 0 ]]; then
   resume_cmd+=" $(quoted "${pipeline_args[@]}")"
 fi
 
 next_steps() {
-  local addr
+  local ray addr id
+  ray=$(quoted "$ray_cli")
   addr=$(quoted --address "$address")
+  id=$(quoted "$submission_id")
   cat <<EOF
 
 submission id  ${submission_id}
-follow logs    ${ray_cli} job logs ${addr} --follow ${submission_id}
-status         ${ray_cli} job status ${addr} ${submission_id}
-stop           ${ray_cli} job stop ${addr} ${submission_id}
+follow logs    ${ray} job logs ${addr} --follow ${id}
+status         ${ray} job status ${addr} ${id}
+stop           ${ray} job stop ${addr} ${id}
 resume         ${resume_cmd}
                (a new job; the run skips every committed shard and redoes only what is missing)
 EOF

@@ -75,6 +75,8 @@ class Defaults(Strict):
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     max_tokens: int = Field(256, ge=1, le=4096)
+    fixed_length: bool = Field(False, description="Benchmarks: ignore end-of-turn and always generate "
+                                                  "max_tokens, so runs are comparable.")
 
 
 class WeightedPrompt(Strict):
@@ -189,6 +191,7 @@ class RunConfig(Strict):
             "input": self.input.model_dump(exclude={"storage_options"}),
             "model": self.model.model_dump(include={"path", "revision", "dtype", "quantization", "load_format"}),
             "system_prompt": self.defaults.system_prompt,
+            "fixed_length": self.defaults.fixed_length,
             "modes": [mode.describe() for mode in resolve_modes(self)],
             "quality": self.quality.model_dump(),
             "seed": self.seed,

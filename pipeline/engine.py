@@ -130,7 +130,9 @@ class CaptionActor:
         """The engine request (prompt token ids + image) and sampling params for one (image, mode, attempt)."""
         instruction = mode.instruction_for(self.config.seed, key)
         seed = derive_seed(self.config.seed, key, mode.name, attempt)
-        extra = {"top_k": mode.top_k} if mode.top_k else {}
+        extra: dict[str, Any] = {"top_k": mode.top_k} if mode.top_k else {}
+        if self.config.defaults.fixed_length:
+            extra.update(ignore_eos=True, min_tokens=mode.max_tokens)
         params = self._sampling_params(max_tokens=mode.max_tokens, temperature=mode.temperature, top_p=mode.top_p,
                                        seed=seed, skip_special_tokens=True, **extra)
         return {"prompt_token_ids": self.prompt_ids(instruction), "multi_modal_data": {"image": image}}, params

@@ -1,0 +1,236 @@
+"""Throughput: the full pipeline against the raw engine and against the seed's Hugging Face method.
+
+    python bench/bench_throughput.py [--images N] [--json OUT] [--gpu] [--skip-hf]
+
+On the same images and prompts (the dual caption: Booru-like tags + Straightforward description, fixed
+output lengths so runs are comparable) it measures, in one process tree:
+  (a) raw engine: `vllm.LLM.generate` over pre-decoded images, one call, the engine kept warm;
+  (b) the full pipeline (`python -m pipeline run`): listing, decode, Ray Data, caption actors, Parquet
+      commits. Its steady rate is taken between the first and last shard commits, so engine start-up
+      (excluded from (a) too) does not count; the end-to-end rate with start-up is printed beside it;
+  (c) the seed's method: Hugging Face `generate` in batches.
+On CPU it uses the tiny model; with --gpu the JoyCaption Beta One architecture on random weights
+(vLLM's dummy load format), built from ../shared/gpu/joycaption-architecture-config.json.
+Figures are printed as ratios against (a), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import build_config  # noqa: E402
+from pipeline.images import pixels_to_image, prepare_image  # noqa: E402
+from pipeline.modes import derive_seed, resolve_modes  # noqa: E402
+from pipeline.prompts import chat_string  # noqa: E402
+
+
+def make_images(folder: Path, count: int) -> list[Path]:
+    """`count` distinct 1024 x 768 photographic JPEGs (sample photos, shifted so each is unique)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+    bases = [np.asarray(Image.fromarray(getattr(skimage.data, n)()).convert("RGB").resize((1024, 768)))
+             for n in names]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        pixels = np.roll(bases[index % len(bases)], shift=index * 7, axis=1)
+        path = folder / f"img{index:05d}.jpg"
+        Image.fromarray(pixels).save(path, "JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def gpu_model(dest: Path) -> Path:
+    """JoyCaption's architecture with the real tokenizer and processor configs; weights come from `dummy`."""
+    from pipeline.testing.tiny_model import write_processor_configs, write_tokenizer
+
+    dest.mkdir(parents=True, exist_ok=True)
+    config = REPO.parent / "shared" / "gpu" / "joycaption-architecture-config.json"
+    (dest / "config.json").write_text(config.read_text())
+    write_tokenizer(dest)
+    write_processor_configs(dest)
+    return dest
+
+
+def bench_config(model: Path, images: Path, output: Path, gpu: bool, tags: int, description: int,
+                 batch: int) -> dict[str, Any]:
+    model_section: dict[str, Any] = {"path": str(model), "max_model_len": 4096 if gpu else 2048}
+    if gpu:
+        model_section.update(dtype="bfloat16", load_format="dummy")
+    else:
+        model_section.update(dtype="float32", kv_cache_space_gb=2)
+    return {
+        "input": {"uri": str(images), "shard_size": max(1, batch // 2)},
+        "output": {"uri": str(output)},
+        "model": model_section,
+        "modes": [{"name": "tags", "type": "booru_like", "length": 50, "max_tokens": tags},
+                  {"name": "description", "type": "straightforward", "length": 160, "max_tokens": description}],
+        "defaults": {"fixed_length": True},
+        "quality": {"max_attempts": 1},
+        "compute": {"batch_size": batch, **({"decode_cpus": 1} if gpu else {})},
+    }
+
+
+def raw_engine(tree: dict[str, Any], paths: list[Path]) -> dict[str, float]:
+    """(a): one `generate` call over pre-decoded images, same prompts and seeds as the pipeline."""
+    from pipeline.engine import engine_kwargs, gpu_available, prepare_environment
+
+    config = build_config(tree)
+    on_gpu = gpu_available()
+    prepare_environment(config.model, on_gpu)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(config.model, config.seed, on_gpu))
+    tokenizer = llm.get_tokenizer()
+    images = {path.name: pixels_to_image(prepare_image(path.read_bytes(), path.name).pixels or b"")
+              for path in paths}
+    requests, params = [], []
+    for key, image in images.items():
+        for mode in resolve_modes(config):
+            ids = tokenizer.encode(chat_string(config.defaults.system_prompt, mode.instructions[0]),
+                                   add_special_tokens=False)
+            requests.append({"prompt_token_ids": ids, "multi_modal_data": {"image": image}})
+            params.append(SamplingParams(max_tokens=mode.max_tokens, min_tokens=mode.max_tokens, ignore_eos=True,
+                                         temperature=mode.temperature, top_p=mode.top_p,
+                                         seed=derive_seed(config.seed, key, mode.name)))
+    llm.generate(requests[:2], params[:2], use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"images_per_s": len(images) / seconds, "output_tokens_per_s": tokens / seconds, "seconds": seconds}
+
+
+def pipeline_run(tree: dict[str, Any], workdir: Path) -> dict[str, float]:
+    """(b): the CLI in its own process; steady rate between the first and last shard commits."""
+    import yaml
+
+    config_path = workdir / "bench.yaml"
+    config_path.write_text(yaml.safe_dump(tree))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline", "run", str(config_path), "--overwrite"], cwd=REPO,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    markers = [json.loads(p.read_text()) for p in (Path(tree["output"]["uri"]) / "_markers").glob("*.json")]
+    markers.sort(key=lambda m: m["committed_at"])
+    images = sum(m["rows"] for m in markers)
+    tokens = sum(mode["tokens"] for m in markers for mode in m["modes"].values())
+    span = markers[-1]["committed_at"] - markers[0]["committed_at"]
+    after_first = sum(m["rows"] for m in markers[1:])
+    tokens_after_first = sum(mode["tokens"] for m in markers[1:] for mode in m["modes"].values())
+    return {"images_per_s": after_first / span if span > 0 else float("nan"),
+            "output_tokens_per_s": tokens_after_first / span if span > 0 else float("nan"),
+            "end_to_end_images_per_s_with_startup": images / wall, "wall_seconds": wall, "images": images,
+            "tokens": tokens, "shards": len(markers)}
+
+
+def hf_generate(tree: dict[str, Any], paths: list[Path], batch: int) -> dict[str, float]:
+    """(c): the seed's way: Hugging Face `generate` over batches of images, one mode after the other."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    config = build_config(tree)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(config.model.path)
+    processor.tokenizer.padding_side = "left"
+    if device == "cuda":  # the architecture on random weights, as vLLM's dummy format
+        from transformers import AutoConfig
+
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(config.model.path)).to(dtype)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(config.model.path, dtype=dtype)
+    model.eval()
+    modes = resolve_modes(config)
+    started, tokens = time.perf_counter(), 0
+    for start in range(0, len(paths), batch):
+        images = [Image.open(p).convert("RGB") for p in paths[start:start + batch]]
+        for mode in modes:
+            text = [chat_string(config.defaults.system_prompt, mode.instructions[0])] * len(images)
+            inputs = processor(text=text, images=images, return_tensors="pt", padding="longest").to(device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=mode.max_tokens, min_new_tokens=mode.max_tokens,
+                                     do_sample=True, temperature=mode.temperature, top_p=mode.top_p,
+                                     pad_token_id=128004)
+            tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * len(images)
+    seconds = time.perf_counter() - started
+    return {"images_per_s": len(paths) / seconds, "output_tokens_per_s": tokens / seconds, "seconds": seconds}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=None, help="default 48 on CPU, 128 on GPU")
+    parser.add_argument("--gpu", action="store_true", help="JoyCaption architecture, dummy weights")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    count = args.images or (128 if args.gpu else 48)
+    tags, description, batch = (128, 256, 128) if args.gpu else (16, 32, 16)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        paths = make_images(work / "images", count)
+        if args.gpu:
+            model = gpu_model(work / "model")
+        else:
+            from pipeline.testing.tiny_model import build_tiny_model
+
+            model = build_tiny_model(work / "model")
+        tree = bench_config(model, work / "images", work / "out", args.gpu, tags, description, batch)
+        results: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(), "images": count,
+                                   "output_tokens_per_image": tags + description, "gpu": args.gpu}
+        results["raw_engine"] = _isolated("raw_engine", tree, paths)
+        results["pipeline"] = pipeline_run(tree, work)
+        if not args.skip_hf:
+            results["hf_generate"] = _isolated("hf_generate", tree, paths, batch=min(batch, 32))
+    raw = results["raw_engine"]["images_per_s"]
+    results["pipeline_vs_raw"] = results["pipeline"]["images_per_s"] / raw
+    if "hf_generate" in results:
+        results["pipeline_vs_hf"] = results["pipeline"]["images_per_s"] / results["hf_generate"]["images_per_s"]
+    print(f"images {count}, dual caption, {tags}+{description} output tokens per image")
+    for name in ("raw_engine", "pipeline", "hf_generate"):
+        if name in results:
+            r = results[name]
+            print(f"{name:<12} {r['images_per_s']:8.3f} images/s {r['output_tokens_per_s']:10.1f} output tok/s")
+    print(f"pipeline end to end with engine start-up: {results['pipeline']['end_to_end_images_per_s_with_startup']:.3f}"
+          " images/s")
+    print(f"pipeline / raw engine: {results['pipeline_vs_raw']:.3f}")
+    if "pipeline_vs_hf" in results:
+        print(f"pipeline / HF generate: {results['pipeline_vs_hf']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _isolated(name: str, tree: dict[str, Any], paths: list[Path], **kwargs: Any) -> dict[str, float]:
+    """Run one measurement in a child process, so its engine and memory are gone before the next."""
+    code = (f"import json,sys; sys.path.insert(0, {str(REPO)!r}); import bench.bench_throughput as b; from pathlib import Path; "
+            f"r = b.{name}(json.loads(sys.argv[1]), [Path(p) for p in json.loads(sys.argv[2])], **json.loads(sys.argv[3]));"
+            " print('RESULT ' + json.dumps(r))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(tree), json.dumps([str(p) for p in paths]),
+                           json.dumps(kwargs)], cwd=REPO, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
