@@ -221,9 +221,10 @@ def main() -> int:
 
 def _isolated(name: str, tree: dict[str, Any], paths: list[Path], **kwargs: Any) -> dict[str, float]:
     """Run one measurement in a child process, so its engine and memory are gone before the next."""
-    code = (f"import json,sys; sys.path.insert(0, {str(REPO)!r}); import bench.bench_throughput as b; from pathlib import Path; "
-            f"r = b.{name}(json.loads(sys.argv[1]), [Path(p) for p in json.loads(sys.argv[2])], **json.loads(sys.argv[3]));"
-            " print('RESULT ' + json.dumps(r))")
+    code = (f"import json,sys; sys.path.insert(0, {str(REPO)!r}); import bench.bench_throughput as b; "
+            "from pathlib import Path; "
+            f"r = b.{name}(json.loads(sys.argv[1]), [Path(p) for p in json.loads(sys.argv[2])], "
+            "**json.loads(sys.argv[3])); print('RESULT ' + json.dumps(r))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(tree), json.dumps([str(p) for p in paths]),
                            json.dumps(kwargs)], cwd=REPO, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
