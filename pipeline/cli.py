@@ -32,6 +32,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except FingerprintMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except Exception as err:  # a failed run: say why in one line after Ray's traceback
+        logging.getLogger("pipeline").exception("run failed")
+        print(f"error: run failed: {_root_message(err)}", file=sys.stderr)
+        return 1
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
@@ -82,6 +86,20 @@ def cmd_gallery(args: argparse.Namespace) -> int:
         return 2
     print(f"{shown} rows in {args.to}")
     return 0
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost message of a chain of wrapped errors (Ray wraps actor errors several times)."""
+    texts = []
+    current: BaseException | None = err
+    while current is not None:
+        texts.append(f"{type(current).__name__}: {current}")
+        current = current.__cause__ or current.__context__
+    for text in texts:
+        for line in text.splitlines():
+            if "engine failed to start" in line:
+                return line.strip()
+    return texts[-1].splitlines()[0]
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

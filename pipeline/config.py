@@ -153,6 +153,8 @@ class ComputeConfig(Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     batch_size: int = Field(32, ge=1, description="Images per actor batch; each image sends every mode.")
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per read/decode task.")
+    max_actor_restarts: int = Field(2, ge=0, description="Times a dead caption actor (or engine) is replaced "
+                                                         "before the run fails.")
 
 
 class RunConfig(Strict):

@@ -77,6 +77,10 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+class EngineStartError(RuntimeError):
+    """The vLLM engine could not be created (bad model path or config, not enough memory, ...)."""
+
+
 @dataclass
 class Generation:
     text: str
@@ -101,7 +105,12 @@ class CaptionActor:
 
         started = time.monotonic()
         self._sampling_params = SamplingParams
-        self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
+        try:
+            self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
+        except Exception as err:
+            # Fail the run now, with the engine's own message, rather than retrying a broken model.
+            raise EngineStartError(f"engine failed to start for model {self.config.model.path!r}: "
+                                   f"{type(err).__name__}: {err}") from err
         self.tokenizer = self.llm.get_tokenizer()
         self._prompt_ids: dict[str, list[int]] = {}
         log.info("engine ready in %.1fs (%s)", time.monotonic() - started, "GPU" if on_gpu else "CPU")
@@ -166,7 +175,16 @@ class CaptionActor:
         ok = [i for i, status in enumerate(columns["status"]) if status == "ok"]
         keys = [columns["key"][i] for i in ok]
         images = [pixels_to_image(pixels[i].as_py()) for i in ok]
-        generations = self.caption(keys, images) if ok else []
+        try:
+            generations = self.caption(keys, images) if ok else []
+        except Exception as err:
+            if type(err).__name__ == "EngineDeadError":
+                # The engine process died (out of memory, device error). Exiting the actor process lets
+                # Ray restart it with a fresh engine (compute.max_actor_restarts times) and retry this
+                # batch; nothing is committed for it until it is captioned.
+                log.error("vLLM engine died (%s); restarting this caption actor", err)
+                os._exit(70)
+            raise
         rows = batch.num_rows
         for m, mode in enumerate(self.modes):
             values: dict[str, list[Any]] = {suffix: [None] * rows for suffix in MODE_SUFFIXES}

@@ -254,7 +254,7 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
         ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={"config_json": config_json},
                             batch_size=config.compute.batch_size, batch_format="pyarrow", concurrency=actors,
                             num_gpus=gpus_per_actor, num_cpus=config.compute.cpus_per_actor,
-                            max_restarts=-1, max_task_retries=-1)
+                            max_restarts=config.compute.max_actor_restarts, max_task_retries=-1)
         ds = ds.map_batches(write_stage, batch_size=None, batch_format="pyarrow",
                             fn_kwargs={"output_uri": output[0], "storage_options": output[1]}, num_cpus=0.1)
         for report in ds.iter_rows():

@@ -1,0 +1,113 @@
+"""Running on a Ray cluster: a real head and worker node, `ray job submit` through jobs/, and faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from pipeline.testing.samples import SAMPLES
+from tests.integration.conftest import REPO, run_cli, write_config
+
+pytestmark = pytest.mark.integration
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[str]:
+    """A head node and a worker node started with `ray start`; yields the job server address."""
+    gcs, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "PATH": f"{Path(sys.executable).parent}:"
+           f"{os.environ['PATH']}"}
+    common = ["--disable-usage-stats", "--num-gpus=0"]
+    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common], env=env, check=True,
+                   capture_output=True, timeout=180)
+    try:
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common], env=env,
+                       check=True, capture_output=True, timeout=180)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submitted_to_a_two_node_cluster_through_jobs_submit(tmp_path: Path, tiny_model: Path, samples: Path,
+                                                                cluster: str):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    out = tmp_path / "out"
+    write_config(job_dir / "run.yaml", tiny_model, str(samples), str(out),
+                 compute={"ray_address": "auto", "batch_size": 8})
+    started = time.monotonic()
+    submitted = subprocess.run(["bash", str(REPO / "jobs" / "submit.sh"), "--address", cluster, "--working-dir",
+                                str(job_dir), "--python", sys.executable, "run.yaml"], cwd=REPO,
+                               capture_output=True, text=True, timeout=900)
+    assert submitted.returncode == 0, (submitted.stdout[-3000:], submitted.stderr[-3000:])
+    assert "ray job logs" in submitted.stdout and "succeeded" in submitted.stdout.lower()
+    table = pd.read_parquet(out / "data")
+    assert sorted(table.key) == sorted(relative for relative, _ in SAMPLES.values())
+    assert (table.status == "ok").all() and table.tags.str.len().gt(0).all()
+    assert "shards" in submitted.stdout  # progress lines reach the job's logs
+    assert time.monotonic() - started < 900
+
+
+def _caption_actor_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "MapWorker(MapBatches(CaptionActor))" in cmdline:
+            found.append(process)
+    return found
+
+
+def test_a_killed_caption_actor_is_replaced_and_every_image_lands_once(tmp_path: Path, tiny_model: Path,
+                                                                        samples: Path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(out),
+                          input={"uri": str(samples), "shard_size": 2}, compute={"batch_size": 2})
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    killed = None
+    while time.monotonic() < deadline and process.poll() is None:
+        markers = list((out / "_markers").glob("*.json")) if (out / "_markers").exists() else []
+        actors = _caption_actor_processes()
+        if markers and actors:  # captioning is under way: kill the actor mid-run
+            killed = actors[0].pid
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.5)
+    assert killed is not None, "the run ended before an actor could be killed"
+    _, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr[-4000:]
+    table = pd.read_parquet(out / "data")
+    assert sorted(table.key) == sorted(relative for relative, _ in SAMPLES.values())
+    assert (table.status == "ok").all()
+
+
+def test_an_engine_that_cannot_start_fails_the_run_fast_with_its_error(tmp_path: Path, samples: Path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llava", "architectures": ["NoSuchModel"]}')
+    config = write_config(tmp_path / "run.yaml", broken, str(samples), str(tmp_path / "out"))
+    started = time.monotonic()
+    result = run_cli("run", str(config), timeout=600)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 300
+    assert "engine failed to start" in result.stderr
+    assert "NoSuchModel" in result.stderr or "broken-model" in result.stderr
