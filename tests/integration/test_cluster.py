@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +31,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[str]:
-    """A head node and a worker node started with `ray start`; yields the job server address."""
+def cluster() -> Iterator[str]:
+    """A head node and a worker node started with `ray start` on loopback; yields the job server address."""
     gcs, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "PATH": f"{Path(sys.executable).parent}:"
-           f"{os.environ['PATH']}"}
-    common = ["--disable-usage-stats", "--num-gpus=0"]
+    # A short temp dir: Ray's Unix sockets live there and socket paths are limited to ~107 bytes.
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    common = ["--disable-usage-stats", "--num-gpus=0", "--node-ip-address=127.0.0.1"]
     subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common], env=env, check=True,
                    capture_output=True, timeout=180)
@@ -44,6 +47,7 @@ def cluster(tmp_path: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_job_submitted_to_a_two_node_cluster_through_jobs_submit(tmp_path: Path, tiny_model: Path, samples: Path,

@@ -100,7 +100,7 @@ def test_broken_files_become_error_rows_then_retry_errors_recaptions_them(tmp_pa
             assert row.status == "ok" and row.tags, file.path.name
         else:
             assert row.status == "error" and row.error.startswith(file.error), (file.path.name, row.error)
-            assert row.tags is None
+            assert pd.isna(row.tags)
     errors_before = int((table.status == "error").sum())
 
     # The user repairs one file; --retry-errors re-captions only the error rows.
