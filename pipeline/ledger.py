@@ -118,7 +118,7 @@ class Ledger:
         """Delete temporary files a killed local write left in `data/` (readers skip them anyway)."""
         leftovers = [name for name in list_names(self.fs, self._path("data")) if name.startswith(".tmp-")]
         for name in leftovers:
-            self.fs.rm(self._path("data", name))
+            remove_tree(self.fs, self._path("data", name))
         return len(leftovers)
 
     def clear_staging(self, shard_id: str | None = None) -> None:

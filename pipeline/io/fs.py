@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -75,7 +76,14 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    if fs.exists(path):
+    if is_local(fs):
+        # Not fs.rm: it calls os.getcwd(), which raises once a Ray job's working-dir copy (the driver's
+        # current directory) has been cleaned up under it.
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    elif fs.exists(path):
         fs.rm(path, recursive=True)
 
 

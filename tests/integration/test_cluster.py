@@ -36,7 +36,10 @@ def cluster() -> Iterator[str]:
     gcs, dashboard = _free_port(), _free_port()
     # A short temp dir: Ray's Unix sockets live there and socket paths are limited to ~107 bytes.
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": temp, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # Ray 2.60's `ray start --head` turns on token authentication; a loopback test cluster opts out
+    # (jobs/README.md says how real clusters share the token).
+    env = {**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     common = ["--disable-usage-stats", "--num-gpus=0", "--node-ip-address=127.0.0.1"]
     subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common], env=env, check=True,
@@ -44,10 +47,12 @@ def cluster() -> Iterator[str]:
     try:
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common], env=env,
                        check=True, capture_output=True, timeout=180)
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # for `ray job submit` through jobs/submit.sh
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def test_job_submitted_to_a_two_node_cluster_through_jobs_submit(tmp_path: Path, tiny_model: Path, samples: Path,
@@ -60,7 +65,7 @@ def test_job_submitted_to_a_two_node_cluster_through_jobs_submit(tmp_path: Path,
     started = time.monotonic()
     submitted = subprocess.run(["bash", str(REPO / "jobs" / "submit.sh"), "--address", cluster, "--working-dir",
                                 str(job_dir), "--python", sys.executable, "run.yaml"], cwd=REPO,
-                               capture_output=True, text=True, timeout=900)
+                               capture_output=True, text=True, timeout=900, env={**os.environ, "RAY": RAY})
     assert submitted.returncode == 0, (submitted.stdout[-3000:], submitted.stderr[-3000:])
     assert "ray job logs" in submitted.stdout and "succeeded" in submitted.stdout.lower()
     table = pd.read_parquet(out / "data")
