@@ -48,11 +48,26 @@ def cluster() -> Iterator[str]:
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common], env=env,
                        check=True, capture_output=True, timeout=180)
         os.environ["RAY_AUTH_MODE"] = "disabled"  # for `ray job submit` through jobs/submit.sh
-        yield f"http://127.0.0.1:{dashboard}"
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_for_job_agent(address, env)
+        yield address
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
         os.environ.pop("RAY_AUTH_MODE", None)
+
+
+def _wait_for_job_agent(address: str, env: dict[str, str], timeout: float = 120) -> None:
+    """The job server answers before its agent registers ("No available agent"): wait for a trivial job."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = subprocess.run([RAY, "job", "submit", "--address", address, "--", "true"], env=env,
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the job server never accepted a job: {probe.stderr[-2000:]}")
+        time.sleep(2)
 
 
 def test_job_submitted_to_a_two_node_cluster_through_jobs_submit(tmp_path: Path, tiny_model: Path, samples: Path,
