@@ -18,7 +18,6 @@ class Progress:
     mode_names: list[str]
     interval: float = 10.0
     started: float = field(default_factory=time.monotonic)
-    images: int = 0
     captions: int = 0
     tokens: int = 0
     shards_now: int = 0
@@ -30,7 +29,6 @@ class Progress:
 
     def shard_done(self, stats: dict[str, Any]) -> None:
         self.shards_now += 1
-        self.images += stats["rows"]
         for mode in stats["modes"].values():
             self.captions += mode["captions"]
             self.tokens += mode["tokens"]

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -296,10 +295,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"mode {name:<12} {stats['captions']} captions, {stats['tokens']} tokens, "
                      f"glitch rate {stats['glitch_rate']:.1%} ({stats['retries']} retries)")
     return "\n".join(lines)
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=1)
 
 
 
