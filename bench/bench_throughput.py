@@ -198,11 +198,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=None, help="default 48 on CPU, 128 on GPU")
     parser.add_argument("--gpu", action="store_true", help="JoyCaption architecture, dummy weights")
+    parser.add_argument("--batch", type=int, default=None, help="actor batch size (default 16 on CPU, 128 on GPU)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     count = args.images or (128 if args.gpu else 48)
     tags, description, batch = (128, 256, 128) if args.gpu else (16, 32, 16)
+    batch = args.batch or batch
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         paths = make_images(work / "images", count)
