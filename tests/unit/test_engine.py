@@ -1,0 +1,48 @@
+"""How the caption actor configures vLLM, per device, without starting an engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from pipeline.config import build_config
+from pipeline.engine import cpu_engine_threads, engine_kwargs
+
+
+def model_config(**model: object):
+    return build_config({"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "m", **model},
+                         "modes": [{"name": "tags", "type": "booru_like", "max_tokens": 64}]}).model
+
+
+def test_cpu_engine_is_eager_without_chunked_prefill_and_gpu_engine_gets_its_memory_share():
+    model = model_config(gpu_memory_utilization=0.8, quantization="fp8", max_num_seqs=64)
+    cpu, gpu = engine_kwargs(model, seed=3, on_gpu=False), engine_kwargs(model, seed=3, on_gpu=True)
+    assert cpu["enforce_eager"] and cpu["enable_chunked_prefill"] is False
+    assert "gpu_memory_utilization" not in cpu
+    assert gpu["gpu_memory_utilization"] == 0.8 and not gpu["enforce_eager"]
+    assert "enable_chunked_prefill" not in gpu
+    for kwargs in (cpu, gpu):
+        assert kwargs["quantization"] == "fp8" and kwargs["max_num_seqs"] == 64 and kwargs["seed"] == 3
+        assert kwargs["limit_mm_per_prompt"] == {"image": 1} and kwargs["enable_prefix_caching"]
+
+
+def test_cpu_threads_default_to_every_core_this_process_may_use():
+    assert cpu_engine_threads(model_config()) == len(os.sched_getaffinity(0))
+    assert cpu_engine_threads(model_config(cpu_threads=3)) == 3
+
+
+def test_cpu_environment_runs_the_engine_in_process_on_the_configured_threads():
+    # In a child process: the settings change process-wide state (environment, torch threads).
+    code = ("import json, os, torch; from pipeline.config import build_config; "
+            "from pipeline.engine import prepare_environment; "
+            "m = build_config({'input': {'uri': 'i'}, 'output': {'uri': 'o'}, "
+            "'model': {'path': 'm', 'cpu_threads': 3, 'kv_cache_space_gb': 2}, "
+            "'modes': [{'name': 't', 'type': 'booru_like'}]}).model; "
+            "prepare_environment(m, on_gpu=False); "
+            "print(json.dumps([os.environ.get(k) for k in ('VLLM_ENABLE_V1_MULTIPROCESSING', "
+            "'VLLM_CPU_KVCACHE_SPACE')] + [torch.get_num_threads()]))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == ["0", "2", 3]
