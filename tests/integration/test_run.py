@@ -60,8 +60,10 @@ def test_three_modes_per_image_and_a_forced_glitch_is_retried_and_flagged(tmp_pa
               "extra": ["lighting"], "prepend": "critique: "},
              # One token is never a caption: cut off at the cap, or empty if it was <|eot_id|>.
              {"name": "stubborn", "type": "descriptive", "max_tokens": 1}]
+    # Two small batches in flight (the GPU default): retries join the engine while the other batch runs.
     config_path = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(tmp_path / "out"),
-                               modes=modes, quality={"max_attempts": 3, "retry_on": ["truncated", "empty"]})
+                               modes=modes, quality={"max_attempts": 3, "retry_on": ["truncated", "empty"]},
+                               compute={"batch_size": 3, "batches_in_flight": 2})
     result = run_cli("run", str(config_path), "--json", "--set", "modes.1.length=long")
     assert result.returncode == 0, result.stderr[-4000:]
     table = pd.read_parquet(tmp_path / "out" / "data")

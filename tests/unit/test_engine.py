@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 from pipeline.config import build_config
 from pipeline.engine import cpu_engine_threads, engine_kwargs
@@ -46,3 +47,27 @@ def test_cpu_environment_runs_the_engine_in_process_on_the_configured_threads():
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")} | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert json.loads(done.stdout.splitlines()[-1]) == ["0", "2", 3]
+
+
+class _Proxy:
+    """Like Flask's `current_app` outside an app context: any attribute access raises RuntimeError."""
+
+    def __getattribute__(self, name: str) -> object:
+        raise RuntimeError("Working outside of application context.")
+
+
+def test_a_global_that_vllm_cannot_inspect_sends_the_cpu_engine_to_its_own_process(monkeypatch):
+    import types
+
+    from pipeline.engine import module_blocking_in_process_engine
+
+    clean = types.ModuleType("plain")
+    clean.value = 3  # type: ignore[attr-defined]
+    proxied = types.ModuleType("app_with_proxy")
+    proxied.current_app = _Proxy()  # type: ignore[attr-defined]
+    # Only what the scan reads is replaced; nothing is imported while it is.
+    # (warnings.catch_warnings looks itself up in sys.modules)
+    monkeypatch.setattr(sys, "modules", {"plain": clean, "json": json, "warnings": warnings})
+    assert module_blocking_in_process_engine() is None
+    monkeypatch.setattr(sys, "modules", {"plain": clean, "app_with_proxy": proxied, "warnings": warnings})
+    assert module_blocking_in_process_engine() == "app_with_proxy"
