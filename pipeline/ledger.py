@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.io.fs import join, list_names, open_fs, read_bytes, remove_tree, write_atomic
 from pipeline.io.sources import Shard
+from pipeline.sink import part_path
 
 MANIFEST = "_manifest.json"
 PLAN_DONE = "_complete.json"
@@ -117,9 +118,8 @@ class Ledger:
     def uncommit(self, shard_id: str) -> None:
         """Make a committed shard pending again: marker first, then its part file, so that a run killed
         in between leaves a shard with no marker (redone) rather than a marker with no rows."""
-        for path in (self._path("_markers", f"{shard_id}.json"), self._path("data", f"part-{shard_id}.parquet")):
-            if self.fs.exists(path):
-                self.fs.rm(path)
+        for path in (self._path("_markers", f"{shard_id}.json"), part_path(self.root, shard_id)):
+            remove_tree(self.fs, path)
 
     def remove_partial_writes(self) -> int:
         """Delete temporary files a killed local write left in `data/` (readers skip them anyway)."""
