@@ -57,8 +57,10 @@ def cluster() -> Iterator[str]:
         os.environ.pop("RAY_AUTH_MODE", None)
 
 
-def _wait_for_job_agent(address: str, env: dict[str, str], timeout: float = 120) -> None:
-    """The job server answers before its agent registers ("No available agent"): wait for a trivial job."""
+def _wait_for_job_agent(address: str, env: dict[str, str], timeout: float = 300) -> None:
+    """The job server answers before its agent registers ("No available agent"): wait for a trivial job.
+
+    The agent took over 120 s on a busy 2-core machine once, hence the long limit."""
     deadline = time.monotonic() + timeout
     while True:
         probe = subprocess.run([RAY, "job", "submit", "--address", address, "--", "true"], env=env,
