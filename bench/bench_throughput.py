@@ -212,8 +212,6 @@ def main() -> int:
     count = args.images or (512 if args.gpu else 160)
     tags, description, batch = (128, 256, 128) if args.gpu else (16, 32, 16)
     batch = args.batch or batch
-    if count < 2 * batch:
-        parser.error(f"--images must be at least two actor batches ({2 * batch})")
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         paths = make_images(work / "images", count)
