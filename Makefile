@@ -10,7 +10,7 @@ WHEELS := $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-lin
 TINY := out/tiny-model
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit integration bench bench-gpu clean
+.PHONY: install demo test lint unit integration bench bench-gpu clean img2dataset
 
 $(STAMP): pyproject.toml constraints/overrides.txt scripts/fix_torchvision.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,13 +32,18 @@ samples/.done: $(STAMP) pipeline/testing/samples.py
 demo: $(TINY)/config.json samples/.done
 	$(BIN)/python -m pipeline run configs/demo.yaml
 
-lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests scripts
+# img2dataset (a test dependency) pins webdataset<0.3 and pandas<3, so it lives in a venv of its own
+# (.venv-img2dataset); the tests call its CLI. Idempotent: a no-op once installed.
+img2dataset: $(STAMP)
+	bash scripts/img2dataset_env.sh
 
-test: lint
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests scripts bench
+
+test: lint img2dataset
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-unit: $(STAMP)
+unit: $(STAMP) img2dataset
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 integration: $(STAMP)
@@ -49,6 +54,7 @@ bench: $(STAMP)
 	mkdir -p out/bench
 	$(BIN)/python bench/bench_decode.py --json out/bench/decode.json
 	$(BIN)/python bench/bench_plan.py --json out/bench/plan.json
+	$(BIN)/python bench/bench_machinery.py --json out/bench/machinery.json
 	$(BIN)/python bench/bench_throughput.py --json out/bench/throughput.json
 
 # On a GPU machine with vLLM installed (see README): JoyCaption's architecture on dummy weights.

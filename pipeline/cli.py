@@ -18,8 +18,9 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.io.sources import SourceError
-    from pipeline.ledger import FingerprintMismatchError
-    from pipeline.run import execute, format_summary, validate_before_start
+    from pipeline.lease import LeaseHeldError
+    from pipeline.ledger import FingerprintMismatchError, ForeignOutputError
+    from pipeline.run import UnhealthyOutputError, execute, format_summary, validate_before_start
 
     try:
         config = load_config(args.config, args.set, input_uri=args.input, output_uri=args.output)
@@ -28,16 +29,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        summary = execute(config, overwrite=args.overwrite, retry_errors=args.retry_errors)
+        summary = execute(config, overwrite=args.overwrite, retry_errors=args.retry_errors,
+                          allow_existing=args.allow_existing, on_wait=_say_waiting())
+    except ForeignOutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except FingerprintMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except LeaseHeldError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
+    except UnhealthyOutputError as err:
+        print(json.dumps(err.summary) if args.json else format_summary(err.summary))
+        print(f"error: {err}", file=sys.stderr)
+        return 5
     except Exception as err:  # a failed run: say why in one line after Ray's traceback
         logging.getLogger("pipeline").exception("run failed")
-        print(f"error: run failed: {_root_message(err)}", file=sys.stderr)
+        message = _root_message(err)
+        if "TransientStorageError" in message:
+            message += " (committed shards are kept: run the same command again once storage recovers)"
+        print(f"error: run failed: {message}", file=sys.stderr)
         return 1
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
+
+
+def _say_waiting():  # -> Callable[[LeaseInfo, float], None]
+    """Tell the user, once every 10 s, that the run waits for a silent holder's lease to expire."""
+    import time
+
+    said = [0.0]
+
+    def say(info, seconds_left: float) -> None:  # (LeaseInfo, float)
+        if time.monotonic() - said[0] >= 10:
+            said[0] = time.monotonic()
+            print(f"waiting {seconds_left:.0f} s for the lease of the silent run on {info.host} (pid {info.pid}) "
+                  "to expire", file=sys.stderr)
+
+    return say
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -88,18 +118,28 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+# Lines that say what went wrong better than whatever wraps them (Ray wraps task errors several times), and
+# whether the line is cut to start at the marker (dropping a module path such as `pipeline.io.retry.`).
+TELLING_LINES = (("engine failed to start", False), ("TransientStorageError:", True))
+
+
 def _root_message(err: BaseException) -> str:
-    """The innermost message of a chain of wrapped errors (Ray wraps actor errors several times)."""
+    """The most telling message of a chain of wrapped errors: a known cause when one is named anywhere in
+    it, else the innermost non-empty one (Ray Data chains an empty SystemException or UserCodeException
+    under the real error)."""
     texts = []
     current: BaseException | None = err
     while current is not None:
         texts.append(f"{type(current).__name__}: {current}")
         current = current.__cause__ or current.__context__
-    for text in texts:
-        for line in text.splitlines():
-            if "engine failed to start" in line:
-                return line.strip()
-    return texts[-1].splitlines()[0]
+    for marker, from_marker in TELLING_LINES:
+        for text in texts:
+            for line in text.splitlines():
+                if marker in line:
+                    line = line.strip()
+                    return line[line.find(marker):] if from_marker else line
+    meaningful = [text for text in texts if text.split(": ", 1)[1].strip()]
+    return (meaningful or texts)[-1].splitlines()[0]
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -140,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. modes.0.length=80 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
+    run.add_argument("--allow-existing", action="store_true",
+                     help="write into a folder that holds other files (they are never touched)")
     run.add_argument("--retry-errors", action="store_true",
                      help="also re-caption the error rows of committed shards (e.g. after fixing files)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import prompts
+from pipeline.io.uris import canonical_uri
 
 MODE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # Columns every row has; mode names must not shadow them or their per-mode suffixes.
@@ -38,7 +39,9 @@ class InputConfig(Strict):
     format: Literal["auto", "folder", "webdataset", "parquet", "filelist"] = Field(
         "auto", description="How the input is laid out; auto detects it from the URI.")
     glob: str | None = Field(None, description="Only files whose path relative to uri matches this glob.")
-    image_column: str = Field("image", description="Parquet input: column with image bytes or {bytes, path}.")
+    image_column: str | None = Field(
+        None, description="Parquet input: column with image bytes or {bytes, path}; unset, each file's is found "
+                          "(image, jpg, jpeg, png, webp, a {bytes, path} struct, or bytes that start like an image).")
     shard_size: int = Field(256, ge=1, le=100_000,
                             description="Images per shard for folders and file lists; a shard is the unit of "
                                         "commit and resume.")
@@ -144,6 +147,9 @@ class QualityConfig(Strict):
         ("repetition", "truncated", "refusal", "empty"), description="Which glitches are retried.")
     repetition_ngram: int = Field(4, ge=2, description="A word n-gram repeated this many times is a loop.")
     repetition_min_repeats: int = Field(4, ge=2)
+    max_error_share: float = Field(0.5, ge=0, le=1, description="A run ends with exit 5 when more than this share "
+                                                               "of the output's rows are errors, or none is "
+                                                               "captioned (1 never fails for errors).")
 
 
 class ComputeConfig(Strict):
@@ -160,6 +166,8 @@ class ComputeConfig(Strict):
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per read/decode task.")
     max_actor_restarts: int = Field(2, ge=0, description="Times a dead caption actor (or engine) is replaced "
                                                          "before the run fails.")
+    commit_tasks: int = Field(16, ge=0, le=1024, description="Shard commits in flight at once, as Ray tasks off "
+                                                            "the driver; 0 commits on the driver's own thread.")
 
 
 class RunConfig(Strict):
@@ -194,13 +202,16 @@ class RunConfig(Strict):
         """Hash of everything that changes what a row contains; resume refuses a different one."""
         from pipeline.modes import resolve_modes
 
+        input_material = {**self.input.model_dump(exclude={"storage_options"}), "uri": canonical_uri(self.input.uri)}
+        if input_material.get("image_column") is None:  # unset = found per file; the fingerprint of the old default
+            input_material["image_column"] = "image"
         material = {
-            "input": self.input.model_dump(exclude={"storage_options"}),
+            "input": input_material,
             "model": self.model.model_dump(include={"path", "revision", "dtype", "quantization", "load_format"}),
             "system_prompt": self.defaults.system_prompt,
             "fixed_length": self.defaults.fixed_length,
             "modes": [mode.describe() for mode in resolve_modes(self)],
-            "quality": self.quality.model_dump(),
+            "quality": self.quality.model_dump(exclude={"max_error_share"}),  # a verdict, not row content
             "seed": self.seed,
         }
         canonical = json.dumps(material, sort_keys=True, ensure_ascii=False)
@@ -258,18 +269,17 @@ def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(_format_errors(err)) from None
 
 
-def _local(uri: str) -> bool:
-    return "://" not in uri
-
-
 def absolute_paths(config: RunConfig) -> RunConfig:
-    """Local paths made absolute, so Ray workers with another working directory find them."""
+    """URIs in their canonical form (`~` expanded, `file://` stripped, symlinks resolved, no trailing slash),
+    so Ray workers with another working directory find them and one input has one fingerprint."""
     model_path = os.path.expanduser(config.model.path)
+    try:
+        input_uri, output_uri = canonical_uri(config.input.uri), canonical_uri(config.output.uri)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return config.model_copy(update={
-        "input": config.input.model_copy(update={"uri": os.path.abspath(config.input.uri)})
-        if _local(config.input.uri) else config.input,
-        "output": config.output.model_copy(update={"uri": os.path.abspath(config.output.uri)})
-        if _local(config.output.uri) else config.output,
+        "input": config.input.model_copy(update={"uri": input_uri}),
+        "output": config.output.model_copy(update={"uri": output_uri}),
         "model": config.model.model_copy(update={"path": os.path.abspath(model_path)})
         if os.path.isdir(model_path) else config.model,
     })

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+
+from pipeline.records import Marker
 
 log = logging.getLogger("pipeline.progress")
 
@@ -27,11 +28,11 @@ class Progress:
     def images_arrived(self, count: int) -> None:
         self.captioned += count
 
-    def shard_done(self, stats: dict[str, Any]) -> None:
+    def shard_done(self, marker: Marker) -> None:
         self.shards_now += 1
-        for mode in stats["modes"].values():
-            self.captions += mode["captions"]
-            self.tokens += mode["tokens"]
+        for mode in marker.modes.values():
+            self.captions += mode.captions
+            self.tokens += mode.tokens
         self.maybe_log(force=self.done_shards + self.shards_now == self.total_shards)
 
     def line(self) -> str:
@@ -41,7 +42,7 @@ class Progress:
         eta = (self.total_shards - done) / rate if rate > 0 else float("nan")
         eta_text = f"{eta:,.0f}s" if eta == eta else "unknown"
         known = f"/{self.images_known}" if self.images_known else ""
-        return (f"shards {done}/{self.total_shards} | images {self.captioned}{known} this run "
+        return (f"shards {done}/{self.total_shards} ({rate:.2f}/s) | images {self.captioned}{known} this run "
                 f"({self.captioned / elapsed:.2f}/s) | captions {self.captions / elapsed:.2f}/s | "
                 f"tokens {self.tokens / elapsed:.1f}/s | ETA {eta_text}")
 

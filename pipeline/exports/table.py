@@ -54,6 +54,14 @@ def open_output(output_uri: str, storage_options: dict[str, Any] | None = None) 
     return Output(ledger, manifest, tuple(sorted(ledger.committed_ids())))
 
 
+def committed_files(output_uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """URIs of the part files of committed shards: exactly the committed table, for any Parquet reader
+    (`pyarrow.dataset.dataset(files)`, `duckdb.read_parquet(files)`, `datasets.load_dataset("parquet",
+    data_files=files)`), even while a run is writing or after one was killed between part and marker."""
+    output = open_output(output_uri, storage_options)
+    return [to_uri(output.ledger.fs, part_path(output.ledger.root, shard)) for shard in output.shards]
+
+
 def check_modes(output: Output, modes: list[str] | None) -> list[str]:
     """The requested modes (default: all, in run order); unknown names fail before anything is written."""
     known = output.mode_names

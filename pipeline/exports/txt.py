@@ -26,7 +26,6 @@ from pipeline.io.fs import is_local, open_fs, write_atomic
 
 log = logging.getLogger("pipeline.exports.txt")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-LINE_BREAKS = re.compile(r"\s*[\r\n\u2028\u2029]+\s*")
 WARNINGS_SHOWN = 20  # per export: a hostile input must not flood the log
 WRITERS = 8  # files written at once (object stores are latency-bound)
 
@@ -56,10 +55,19 @@ def txt_name(name: str) -> str:
     return (stem if stem and extension.lower() in IMAGE_EXTENSIONS else name) + ".txt"
 
 
+def one_line(text: str) -> str:
+    """`text` on one line: each run of line boundaries, with the whitespace around it, becomes a space.
+
+    The boundaries are whatever `str.splitlines` splits on (`\\r\\n`, `\\v`, `\\f`, `\\x1c`-`\\x1e`, U+0085,
+    U+2028, U+2029 besides `\\n` and `\\r`), so a reader splitting the file with it, or with anything
+    narrower, finds exactly one line per mode."""
+    return " ".join(stripped for line in text.splitlines() if (stripped := line.strip()))
+
+
 def sidecar_text(row: dict[str, Any], modes: list[str]) -> str:
     """One line per mode in order; line breaks inside a caption become spaces, a missing caption an
     empty line (line N is always mode N)."""
-    return "".join(LINE_BREAKS.sub(" ", row.get(mode) or "").strip() + "\n" for mode in modes)
+    return "".join(one_line(row.get(mode) or "") + "\n" for mode in modes)
 
 
 class Confinement:

@@ -2,6 +2,19 @@
 
 Credentials and endpoints come from the usual AWS environment variables or config files, or from
 the config's `storage_options`; neither is ever logged or written to outputs.
+
+Input reads go through `retrying` / `RetryingReader` (pipeline.io.retry, re-exported here): transient
+errors (throttling, 5xx, timeouts, dropped connections) are retried with backoff and, when they persist,
+raised as `TransientStorageError` (not an OSError: the read task fails and Ray retries it); permanent
+ones (not found, access denied, corrupt) are raised as they are, for readers to turn into error rows.
+
+Listing (`walk_files`, pipeline.io.walk, re-exported here) streams paths in S3's byte order. Locally,
+symlinks never make it loop or list a file twice by accident: regular files and folders are listed by
+their path; a symlink to a folder is followed only if its real target lies outside the input root and
+is not a folder already visited (visited folders are tracked by (st_dev, st_ino)); a symlink to a file
+is listed only if its target lies outside the input root (inside it, the real file is listed already);
+broken or looping symlinks and unreadable subfolders are skipped with a warning; hard links are separate
+files. Hidden names (a leading dot) are skipped, locally and on S3.
 """
 
 from __future__ import annotations
@@ -10,11 +23,17 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.io.retry import RETRY, RetryingReader, RetryPolicy, TransientStorageError, is_transient, retrying
+from pipeline.io.walk import walk_files
+
+__all__ = ["RETRY", "RetryPolicy", "RetryingReader", "TransientStorageError", "is_local", "is_transient", "join",
+           "list_names", "open_fs", "read_bytes", "read_input", "remove_tree", "retrying", "to_uri", "walk_files",
+           "write_atomic"]
 
 
 def _with_env_endpoint(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -27,10 +46,21 @@ def _with_env_endpoint(protocol: str, options: dict[str, Any]) -> dict[str, Any]
     return options
 
 
+def _copied(value: Any) -> Any:
+    """Dicts and lists copied all the way down; anything else (a session object, say) shared as it is."""
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copied(item) for item in value)
+    return value
+
+
 def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The file system for `uri` and the path inside it (no protocol, no trailing slash)."""
     protocol = fsspec.core.split_protocol(uri)[0] or "file"
-    options = _with_env_endpoint(protocol, dict(storage_options or {}))
+    # Copied: botocore fills in nested options (config_kwargs.retries) in place, which would change the
+    # caller's dict and so fsspec's cache key, and give every later call a new file system.
+    options = _with_env_endpoint(protocol, _copied(dict(storage_options or {})))
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path.rstrip("/") or path
 
@@ -95,47 +125,7 @@ def list_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return []
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, int]]:
-    # Depth first, one directory in memory at a time. A folder sorts as "name/", so paths come out in
-    # the byte order S3 lists keys in, and a local copy and an S3 copy give the same shards.
-    with os.scandir(root) as scan:
-        entries = sorted(scan, key=lambda entry: entry.name + "/" if entry.is_dir(follow_symlinks=True)
-                         else entry.name)
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir(follow_symlinks=True):
-            yield from _walk_local(entry.path)
-        elif entry.is_file(follow_symlinks=True):
-            yield entry.path, entry.stat().st_size
+def read_input(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """An input file's bytes, transient errors retried (see `retrying`)."""
+    return retrying(fs.cat_file, path, what=path)
 
-
-def _walk_s3(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int]]:
-    # ListObjectsV2 page by page: keys arrive in byte order, one page (1000 keys) in memory.
-    bucket, prefix, _ = fs.split_path(root)
-    prefix = f"{prefix.rstrip('/')}/" if prefix else ""
-    token = None
-    while True:
-        request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
-        if token:
-            request["ContinuationToken"] = token
-        page = fs.call_s3("list_objects_v2", **request)
-        for item in page.get("Contents", []):
-            relative = item["Key"][len(prefix):]
-            # Skip folder markers and hidden files or folders, as the local walk does.
-            if not relative.endswith("/") and not any(part.startswith(".") for part in relative.split("/")):
-                yield f"{bucket}/{item['Key']}", int(item["Size"])
-        if not page.get("IsTruncated"):
-            return
-        token = page["NextContinuationToken"]
-
-
-def walk_files(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int]]:
-    """Stream (path, size) of every file under `root` in a deterministic order."""
-    if is_local(fs):
-        yield from _walk_local(root)
-    elif fs.protocol in ("s3", "s3a") or "s3" in getattr(fs, "protocol", ()):
-        yield from _walk_s3(fs, root)
-    else:
-        for path, info in sorted(fs.find(root, detail=True).items()):
-            yield path, int(info.get("size") or 0)

@@ -1,271 +1,98 @@
-"""Input sources -> deterministic shards -> image records.
+"""Input sources -> deterministic shards -> image records. No input file stops a run.
 
-Four layouts, all through fsspec so local paths and s3:// behave the same:
+Four layouts, all through fsspec so local paths and s3:// behave the same (`format: auto` decides from
+what a folder holds as a whole, img2dataset's outputs and Hugging Face exports included: pipeline.io.layout;
+`check_input` is the cheap check before a run):
 - `folder`: image files under a prefix (recursive), cut into shards of `shard_size` in listing order;
-- `webdataset`: `.tar` shards; members grouped by key, the image member chosen by extension, and the
-  `.json`/`.txt` members beside it carried into the row's `meta`;
-- `parquet`: files with an image column holding bytes or Hugging Face's `{bytes, path}` struct;
-- `filelist`: a text file with one image URI per line.
+  a `.json`/`.txt` of the same stem beside an image goes into its `meta`;
+- `webdataset`: `.tar` files, one shard each (a tar cannot be split without an index), read in one
+  sequential pass (pipeline.io.tar_source);
+- `parquet`: files with an image column holding bytes or Hugging Face's `{bytes, path}` struct, cut
+  into shards of consecutive row groups of about `shard_size` rows (pipeline.io.parquet_source);
+- `filelist`: a text file with one image URI per line. Blank lines and `#` comments are ignored; a
+  relative line is relative to the folder holding the list; a URI repeated (after stripping) is one
+  image, kept at its first place, and the lines dropped are counted in a warning.
 
 The plan is streamed: listing yields one path at a time and shards are emitted as they fill, so a
 prefix with millions of objects is never one list in memory. The same input always yields the same
-shard ids and keys; keys are relative paths (or shard/member), safe to use as file names later.
+shard ids and keys. Keys are unique across the input and safe as relative file names
+(pipeline.io.keys): folder `a/b/cat.jpg`; tar `a/000000/<sample>` for `a/000000.tar`; Parquet
+`x/part-0/00000012` (row 12 of `x/part-0.parquet`); file list `s3/b/x.jpg` for `s3://b/x.jpg`,
+`file/b/x.jpg` for `/b/x.jpg`.
+
+What the dataset knows about an image (alt text, URL, its own key and hash, other small columns)
+travels in the record's `meta` JSON under stable names (pipeline.io.meta).
+
+Every input is accounted for: an unreadable file, sample, row group or damaged tail is an error row
+with a reason (permanent errors are data). Transient storage errors (throttling, 5xx, timeouts, dropped
+connections) are retried and, when they persist, raise `TransientStorageError` out of the record
+iterator instead: the read task fails and Ray retries it.
+
+`read_shard` returns (size, records); the size is None for tar shards, known only once read.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
-import posixpath
-import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
+import fsspec
 
 from pipeline.config import InputConfig
-from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.io.fs import open_fs, read_bytes, walk_files
+from pipeline.io.detect import check_input, detect_format, detect_layout
+from pipeline.io.fs import TransientStorageError, open_fs, read_input
+from pipeline.io.keys import list_entry_key, safe_key
+from pipeline.io.layout import Layout
+from pipeline.io.listing import stem
+from pipeline.io.meta import sample_meta, sidecar_value
+from pipeline.io.parquet_source import read_parquet
+from pipeline.io.plan import plan_shards
+from pipeline.io.shards import Reading, Record, Shard, SourceError, describe
+from pipeline.io.tar_source import WDS_IMAGE_EXTENSIONS, WDS_META_EXTENSIONS, read_tar
 
-# The image member of a WebDataset sample, by preference.
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif")
-WDS_META_EXTENSIONS = ("json", "txt")
-
-
-class SourceError(ValueError):
-    """The input cannot be planned (missing, empty, or of an unknown layout)."""
-
-
-@dataclass
-class Shard:
-    """One unit of work, commit and resume."""
-
-    id: str
-    kind: str  # files | tar | parquet
-    uri: str  # the input root (files) or the shard's own file
-    members: list[str] = field(default_factory=list)  # files: paths relative to uri (or absolute URIs)
-    size: int | None = None  # images in the shard, when known before reading
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> Shard:
-        return cls(**json.loads(text))
+__all__ = ["WDS_IMAGE_EXTENSIONS", "WDS_META_EXTENSIONS", "Layout", "Reading", "Record", "Shard", "SourceError",
+           "check_input", "detect_format", "detect_layout", "plan_shards", "read_shard"]
 
 
-@dataclass
-class Record:
-    """One input image as read, before decoding."""
-
-    key: str
-    source: str
-    member: str | None
-    data: bytes | None
-    error: str | None = None
-    meta: str | None = None
-
-
-def _extension(path: str) -> str:
-    name = posixpath.basename(path)
-    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
-
-
-def detect_format(config: InputConfig) -> str:
-    """Resolve `auto` from the URI: a file is a list or Parquet; a folder by what it holds."""
-    if config.format != "auto":
-        return config.format
-    fs, root = open_fs(config.uri, config.storage_options)
-    if not fs.exists(root):
-        raise SourceError(f"input.uri does not exist: {config.uri}")
-    if fs.isfile(root):
-        return "parquet" if root.endswith(".parquet") else "webdataset" if root.endswith(".tar") else "filelist"
-    for path, _size in walk_files(fs, root):
-        extension = _extension(path)
-        if extension == ".tar":
-            return "webdataset"
-        if extension == ".parquet":
-            return "parquet"
-        if extension in IMAGE_EXTENSIONS:
-            return "folder"
-    raise SourceError(f"input.uri holds no images, .tar shards or .parquet files: {config.uri}")
-
-
-def _selected(config: InputConfig, relative: str) -> bool:
-    return config.glob is None or fnmatch.fnmatch(relative, config.glob)
-
-
-def _chunked(paths: Iterator[str], size: int, kind: str, uri: str) -> Iterator[Shard]:
-    chunk: list[str] = []
-    index = 0
-    for path in paths:
-        chunk.append(path)
-        if len(chunk) == size:
-            yield Shard(f"{index:06d}", kind, uri, chunk, len(chunk))
-            chunk, index = [], index + 1
-    if chunk:
-        yield Shard(f"{index:06d}", kind, uri, chunk, len(chunk))
-
-
-def _files_under(config: InputConfig, extensions: frozenset[str]) -> Iterator[str]:
-    fs, root = open_fs(config.uri, config.storage_options)
-    if not fs.exists(root):
-        raise SourceError(f"input.uri does not exist: {config.uri}")
-    if fs.isfile(root):
-        yield ""
-        return
-    for path, _size in walk_files(fs, root):
-        relative = posixpath.relpath(path, root)
-        if _extension(path) in extensions and _selected(config, relative):
-            yield relative
-
-
-def _filelist_lines(config: InputConfig) -> Iterator[str]:
-    fs, path = open_fs(config.uri, config.storage_options)
-    if not fs.exists(path):
-        raise SourceError(f"input.uri does not exist: {config.uri}")
-    with fs.open(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield line
-
-
-def plan_shards(config: InputConfig) -> Iterator[Shard]:
-    """Stream the input's shards in a deterministic order."""
-    layout = detect_format(config)
-    if layout == "folder":
-        yield from _chunked(_files_under(config, IMAGE_EXTENSIONS), config.shard_size, "files", config.uri)
-    elif layout == "filelist":
-        yield from _chunked(_filelist_lines(config), config.shard_size, "files", "")
-    else:
-        extension = ".tar" if layout == "webdataset" else ".parquet"
-        kind = "tar" if layout == "webdataset" else "parquet"
-        for index, relative in enumerate(_files_under(config, frozenset({extension}))):
-            uri = config.uri if relative == "" else posixpath.join(config.uri.rstrip("/"), relative)
-            yield Shard(f"{index:06d}", kind, uri)
-
-
-def _key_from_uri(uri: str) -> str:
-    """A file-list entry's key: its path without scheme or leading slash."""
-    scheme, _, rest = uri.partition("://")
-    return (rest if _ else scheme).lstrip("/")
-
-
-Reading = tuple[int, Iterator[Record]]  # (images in the shard, their records)
-
-
-def _unreadable(shard: Shard, key: str, err: BaseException) -> Reading:
-    return 1, iter([Record(key, shard.uri, None, None, f"unreadable object: {type(err).__name__}: {err}")])
+def _sidecar_meta(fs: fsspec.AbstractFileSystem, image_path: str, found: list[str]) -> str | None:
+    """The meta of an image file from the sidecars the listing found beside it (one GET each)."""
+    raw: dict[str, Any] = {}
+    for suffix in found:
+        try:
+            raw[suffix] = sidecar_value(suffix, read_input(fs, f"{stem(image_path)}.{suffix}"))
+        except TransientStorageError:
+            raise
+        except Exception:  # gone or unreadable since listing: the image is still captioned, without it
+            continue
+    return sample_meta(raw)
 
 
 def _read_files(shard: Shard, config: InputConfig) -> Reading:
     def records() -> Iterator[Record]:
         root_fs, root = open_fs(shard.uri, config.storage_options) if shard.uri else (None, "")
-        for member in shard.members:
-            if shard.uri:
-                fs, path, key = root_fs, posixpath.join(root, member), member
-                source = posixpath.join(shard.uri.rstrip("/"), member)
-            else:
-                fs, path = open_fs(member, config.storage_options)
-                key, source = _key_from_uri(member), member
+        sidecars = shard.sidecars or [[] for _member in shard.members]
+        for member, found in zip(shard.members, sidecars, strict=True):
+            if shard.uri:  # a folder: members are relative paths (kept as listed, `//` and all)
+                key, source = safe_key(member), f"{shard.uri.rstrip('/')}/{member}"
+            else:  # a file list: members are URIs
+                key, source = list_entry_key(member), member
             try:
-                yield Record(key, source, None, read_bytes(fs, path))
-            except (OSError, ValueError) as err:  # missing, permission, network
-                yield Record(key, source, None, None, f"unreadable object: {type(err).__name__}: {err}")
+                fs, path = (root_fs, f"{root}/{member}") if shard.uri else open_fs(member, config.storage_options)
+                data = read_input(fs, path)
+            except TransientStorageError:
+                raise
+            except Exception as err:  # missing, permission, a folder, a URI no file system takes (any class)
+                yield Record(key, source, None, None, f"unreadable object: {describe(err)}")
+            else:
+                yield Record(key, source, None, data, None, _sidecar_meta(fs, path, found) if found else None)
 
     return len(shard.members), records()
 
 
-def _sample_key(name: str) -> tuple[str, str]:
-    directory, base = posixpath.split(name)
-    stem, _, extension = base.partition(".")
-    return posixpath.join(directory, stem), extension.lower()
-
-
-def _read_tar(shard: Shard, config: InputConfig) -> Reading:
-    fs, path = open_fs(shard.uri, config.storage_options)
-    prefix = posixpath.basename(path).removesuffix(".tar")
-    try:
-        handle = fs.open(path, "rb")
-    except OSError as err:
-        return _unreadable(shard, prefix, err)
-    try:
-        archive = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 - records() closes it
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for info in archive.getmembers():  # headers only: seeks past member data
-            if info.isfile():
-                sample, extension = _sample_key(info.name)
-                samples.setdefault(sample, {})[extension] = info
-    except (OSError, tarfile.TarError, EOFError) as err:
-        handle.close()
-        return _unreadable(shard, prefix, err)
-
-    def records() -> Iterator[Record]:
-        with handle, archive:
-            for sample in sorted(samples):
-                try:
-                    yield _tar_record(archive, shard, prefix, sample, samples[sample])
-                except (OSError, tarfile.TarError, EOFError, ValueError) as err:
-                    yield Record(f"{prefix}/{sample}", shard.uri, None, None,
-                                 f"unreadable object: {type(err).__name__}: {err}")
-
-    return len(samples), records()
-
-
-def _tar_record(archive: tarfile.TarFile, shard: Shard, prefix: str, sample: str,
-                members: dict[str, tarfile.TarInfo]) -> Record:
-    key = f"{prefix}/{sample}"
-    meta: dict[str, Any] = {}
-    for extension in WDS_META_EXTENSIONS:
-        if extension in members:
-            text = archive.extractfile(members[extension]).read().decode("utf-8", "replace")  # type: ignore[union-attr]
-            try:
-                meta[extension] = json.loads(text) if extension == "json" else text
-            except json.JSONDecodeError:
-                meta[extension] = text
-    meta_json = json.dumps(meta, ensure_ascii=False) if meta else None
-    image = next((members[e] for e in WDS_IMAGE_EXTENSIONS if e in members), None)
-    if image is None:
-        found = ", ".join(sorted(members)) or "nothing"
-        return Record(key, shard.uri, None, None, f"no image member in sample (found {found})", meta_json)
-    data = archive.extractfile(image).read()  # type: ignore[union-attr]
-    return Record(key, shard.uri, image.name, data, None, meta_json)
-
-
-def _image_bytes(value: Any) -> tuple[bytes | None, str | None]:
-    if isinstance(value, dict):  # Hugging Face datasets' Image feature: {bytes, path}
-        return value.get("bytes"), value.get("path")
-    return value, None
-
-
-def _read_parquet(shard: Shard, config: InputConfig) -> Reading:
-    fs, path = open_fs(shard.uri, config.storage_options)
-    prefix = posixpath.basename(path).removesuffix(".parquet")
-    try:
-        parquet = pq.ParquetFile(fs.open(path, "rb"))
-        if config.image_column not in parquet.schema_arrow.names:
-            names = parquet.schema_arrow.names
-            raise ValueError(f"no column {config.image_column!r} (input.image_column); columns are {names}")
-    except (OSError, ValueError) as err:
-        return _unreadable(shard, prefix, err)
-
-    def records() -> Iterator[Record]:
-        row = 0
-        for batch in parquet.iter_batches(batch_size=64, columns=[config.image_column]):
-            for value in batch.column(0).to_pylist():
-                data, inner_path = _image_bytes(value)
-                error = None if data else "no image bytes in this row"
-                yield Record(f"{prefix}/{row:08d}", shard.uri, inner_path or str(row), data, error)
-                row += 1
-
-    return parquet.metadata.num_rows, records()
-
-
-READERS = {"files": _read_files, "tar": _read_tar, "parquet": _read_parquet}
+READERS = {"files": _read_files, "tar": read_tar, "parquet": read_parquet}
 
 
 def read_shard(shard: Shard, config: InputConfig) -> Reading:
-    """How many images a shard holds and every one of their records, unreadable ones included."""
+    """How many images a shard holds (None when unknown before reading) and every one of their records,
+    unreadable ones included. Raises TransientStorageError, from the iterator too, when storage keeps failing."""
     return READERS[shard.kind](shard, config)

@@ -41,10 +41,18 @@ def _kill_tree(process: subprocess.Popen[bytes]) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def _run_until(config: Path, moment: Callable[[], bool], timeout: float = 600) -> bool:
+def _parts_without_marker(out: Path) -> list[str]:
+    parts = {p.name.removeprefix("part-").removesuffix(".parquet") for p in (out / "data").glob("part-*.parquet")} \
+        if (out / "data").exists() else set()
+    return sorted(shard for shard in parts if not (out / "_markers" / f"{shard}.json").exists())
+
+
+def _run_until(config: Path, moment: Callable[[], bool], timeout: float = 600,
+               env: dict[str, str] | None = None) -> bool:
     """Start the run; SIGKILL it when `moment()` holds. True if it was killed, False if it finished first."""
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -69,14 +77,22 @@ def test_sigkill_at_several_moments_then_rerun_gives_every_key_exactly_once(tmp_
     assert _run_until(config, lambda: _markers(out) >= 2)
     mid = _markers(out)
     assert 2 <= mid < SHARDS
-    # 3. During the last shard.
+    # 3. Between a part file and its marker (the commit is held there for a few seconds).
+    assert _run_until(config, lambda: bool(_parts_without_marker(out)),
+                      env={"PIPELINE_FAILPOINT": "after_part_file:4"})
+    # 4. During the last shard.
     killed = _run_until(config, lambda: _markers(out) >= SHARDS - 1)
     assert killed or _markers(out) == SHARDS
-    # 4. The same command finishes only what is missing.
+    if killed and _markers(out) < SHARDS:  # the killed run's lease is still there; its re-run takes it at once
+        assert (out / "_lease.json").exists()
+    # 5. The same command finishes only what is missing.
+    started = time.monotonic()
     result = run_cli("run", str(config), "--json")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert _markers(out) == SHARDS
+    assert "waiting" not in result.stderr and time.monotonic() - started < 300
+    assert _markers(out) == SHARDS and not _parts_without_marker(out)
     assert last_summary(out)["images"] == len(SAMPLES)
+    assert not (out / "_lease.json").exists()  # released at the end
 
     expected = sorted(relative for relative, _ in SAMPLES.values())
     keys = pads.dataset(out / "data", format="parquet").to_table(columns=["key"]).column("key").to_pylist()

@@ -46,3 +46,25 @@ def test_the_engine_start_error_is_found_inside_wrapped_errors():
             raise RuntimeError("The actor died because of an error raised in its creation task\n...") from inner
     except RuntimeError as outer:
         assert _root_message(outer) == "RuntimeError: engine failed to start for model '/m': ValueError: bad"
+
+
+def test_a_storage_failure_is_named_under_ray_datas_empty_wrappers():
+    from ray.data.exceptions import SystemException  # Ray Data chains an empty one under the real error
+
+    try:
+        try:
+            raise SystemException()
+        except SystemException as marker:
+            raise RuntimeError("ray::MapBatches(read_and_prepare)()\n  File x\npipeline.io.retry."
+                               "TransientStorageError: s3://b/in/a.jpg: storage still failing after 6 attempts") \
+                from marker
+    except RuntimeError as wrapped:
+        assert _root_message(wrapped) == ("TransientStorageError: s3://b/in/a.jpg: storage still failing after 6 "
+                                          "attempts")
+    try:
+        try:
+            raise SystemException()
+        except SystemException as marker:
+            raise ValueError("the real reason") from marker
+    except ValueError as plain:
+        assert _root_message(plain) == "ValueError: the real reason"

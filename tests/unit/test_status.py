@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +14,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.io.sources import Shard
+from pipeline.lease import LEASE, OutputLease
 from pipeline.ledger import Ledger
+from pipeline.records import Marker
 from pipeline.status import format_status, status
 
 T0 = 1_700_000_000.0  # manifest created_at
@@ -23,9 +28,12 @@ def _marker(committed_at: float) -> dict:
                       "description": {"captions": 9, "glitched": 0, "tokens": 300, "retries": 0}}}
 
 
-def build(root: Path, staging_mtime: float | None = None, complete_plan: bool = True) -> str:
-    """5 planned shards; 3 committed at T0+900, +930, +960; shard 000003 in staging."""
+def build(root: Path, staging_mtime: float | None = None, complete_plan: bool = True, live: bool = False) -> str:
+    """5 planned shards; 3 committed at T0+900, +930, +960; shard 000003 in staging; `live`: a run (this
+    process) holds the output's lease."""
     ledger = Ledger(str(root))
+    if live:
+        OutputLease(str(root)).acquire(wait=False)
     ledger.write_manifest({"fingerprint": "fp", "created_at": T0, "model": {"path": "tiny"},
                            "modes": [{"name": "tags"}, {"name": "description"}]})
     shards = [Shard(f"{i:06d}", "files", "/in", [f"{i}-{j}.jpg" for j in range(10)], 10) for i in range(5)]
@@ -33,7 +41,7 @@ def build(root: Path, staging_mtime: float | None = None, complete_plan: bool = 
     if not complete_plan:
         (root / "_plan" / "_complete.json").unlink()
     for index, at in enumerate((T0 + 900, T0 + 930, T0 + 960)):
-        ledger.write_marker(f"{index:06d}", _marker(at))
+        ledger.write_marker(Marker.of(f"{index:06d}", _marker(at)))
     fragment = root / "_staging" / "000003" / "abc.parquet"
     fragment.parent.mkdir(parents=True)
     fragment.write_bytes(b"PAR1")
@@ -43,7 +51,7 @@ def build(root: Path, staging_mtime: float | None = None, complete_plan: bool = 
 
 
 def test_counts_rates_and_eta_of_a_live_run(tmp_path: Path) -> None:
-    report = status(build(tmp_path, staging_mtime=T0 + 1000), now=T0 + 1010)
+    report = status(build(tmp_path, staging_mtime=T0 + 1000, live=True), now=T0 + 1010)
     assert (report["shards_planned"], report["shards_committed"], report["shards_pending"]) == (5, 3, 2)
     assert report["shards_staging"] == ["000003"] and report["plan_complete"]
     assert (report["images_done"], report["ok"], report["errors"], report["images_known"]) == (30, 27, 3, 50)
@@ -57,13 +65,25 @@ def test_counts_rates_and_eta_of_a_live_run(tmp_path: Path) -> None:
     text = format_status(report)
     assert "3 committed, 2 pending, 1 in progress" in text
     assert "30 done (27 captioned, 3 errors)" in text
-    assert "glitch rate 11.1%" in text and "live, last write 10 s ago; ETA 1 min 00 s" in text
+    assert "glitch rate 11.1%" in text and "last write 10 s ago; ETA 1 min 00 s" in text
+    assert f"live: host {socket.gethostname()}, pid {os.getpid()}" in text
 
 
-def test_a_recent_marker_alone_means_live(tmp_path: Path) -> None:
+def test_recent_writes_without_a_lease_are_not_live(tmp_path: Path) -> None:
+    """A run stopped by Ctrl-C released its lease: however recent its last write, it is not live."""
     report = status(build(tmp_path, staging_mtime=T0), now=T0 + 1000)
-    assert report["live"] and report["last_activity_at"] == T0 + 960
-    assert report["eta_s"] == pytest.approx(60.0)
+    assert not report["live"] and report["last_activity_at"] == T0 + 960 and report["eta_s"] is None
+    assert "idle, last write 40 s ago" in format_status(report)
+
+
+def test_the_lease_of_a_killed_run_is_not_live(tmp_path: Path) -> None:
+    root = build(tmp_path, staging_mtime=T0)
+    child = subprocess.run([sys.executable, "-c", "import sys; from pipeline.lease import OutputLease; "
+                            "OutputLease(sys.argv[1]).acquire(wait=False)", root], check=True, cwd=Path.cwd())
+    assert child.returncode == 0 and (tmp_path / LEASE).exists()  # exited without releasing: as if killed
+    report = status(root, now=time.time())
+    assert not report["live"] and report["lease"]["state"] == "gone"
+    assert "its run stopped without finishing" in format_status(report)
 
 
 def test_an_idle_run_has_no_eta(tmp_path: Path) -> None:
@@ -76,7 +96,7 @@ def test_an_idle_run_has_no_eta(tmp_path: Path) -> None:
 def test_a_finished_run_says_complete(tmp_path: Path) -> None:
     build(tmp_path, staging_mtime=T0)
     for index in (3, 4):
-        Ledger(str(tmp_path)).write_marker(f"{index:06d}", _marker(T0 + 990 + index))
+        Ledger(str(tmp_path)).write_marker(Marker.of(f"{index:06d}", _marker(T0 + 990 + index)))
     report = status(str(tmp_path), now=T0 + 4000)
     assert report["shards_pending"] == 0 and "complete, last write" in format_status(report)
 
@@ -115,5 +135,5 @@ def test_status_on_s3(tmp_path: Path, s3_bucket: str, s3_fs) -> None:
     report = status(f"s3://{s3_bucket}/run", now=time.time())
     assert (report["shards_planned"], report["shards_committed"], report["shards_staging"]) == (5, 3, ["000003"])
     assert report["output"] == f"s3://{s3_bucket}/run"
-    assert report["live"]  # the staging object was just uploaded: its LastModified is recent
-    assert report["last_activity_at"] == pytest.approx(time.time(), abs=60)
+    assert not report["live"]  # no run holds the lease
+    assert report["last_activity_at"] == pytest.approx(time.time(), abs=60)  # the staging object's LastModified

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline.io.fs import open_fs, write_atomic
 from pipeline.ledger import Ledger
+from pipeline.records import Marker
 from pipeline.sink import output_schema, part_path, staging_dir, to_table
 
 MODES = ["tags", "description"]
@@ -105,7 +106,7 @@ def build_output(root: Path, hostile: bool = True) -> FakeOutput:
     ledger.write_plan([])  # the plan summary; the test shards need no plan files
     for shard, rows, at in (("000000", shard0, now - 60), ("000001", shard1, now - 30)):
         _write_parquet(part_path(str(fake.output), shard), rows)
-        ledger.write_marker(shard, _marker(rows, at))
+        ledger.write_marker(Marker.of(shard, _marker(rows, at)))
         fake.rows.update({row["key"]: row for row in rows})
     _write_parquet(part_path(str(fake.output), "000002"), [_row("uncommitted/zzz.jpg", f"{base}/cat/a.jpg", "000002")])
     _write_parquet(staging_dir(str(fake.output), "000003") + "/fragment.parquet",

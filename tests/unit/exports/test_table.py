@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.exports.table import check_modes, iter_batches, iter_rows, open_output
+from pipeline.exports.table import check_modes, committed_files, iter_batches, iter_rows, open_output
 from tests.unit.exports.fake_output import FakeOutput
 
 
@@ -17,6 +17,17 @@ def test_only_shards_with_markers_are_read(fake_output: FakeOutput) -> None:
     keys = [row["key"] for row in iter_rows(output, ["key"])]
     assert sorted(keys) == sorted(fake_output.rows)
     assert "uncommitted/zzz.jpg" not in keys and "staged/yyy.jpg" not in keys
+
+
+def test_committed_files_are_exactly_the_committed_table_for_any_reader(fake_output: FakeOutput) -> None:
+    import duckdb
+    import pyarrow.dataset as pads
+
+    files = committed_files(str(fake_output.output))
+    assert [Path(f).name for f in files] == ["part-000000.parquet", "part-000001.parquet"]  # not 000002
+    keys = pads.dataset(files, format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(fake_output.rows)
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall() == [(len(fake_output.rows),)]
 
 
 def test_rows_stream_in_small_batches(fake_output: FakeOutput) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.exports.txt import TxtCounts, export_txt, safe_segments, sidecar_text, txt_name
-from tests.unit.exports.fake_output import FakeOutput, hostile_keys, snapshot
+from pipeline.sink import part_path
+from tests.unit.exports.fake_output import FakeOutput, _row, _write_parquet, hostile_keys, snapshot
 
 
 def _added_under(fake: FakeOutput, before: set[Path], allowed: Path) -> set[Path]:
@@ -45,6 +46,33 @@ def test_sidecar_text_is_one_line_per_mode_in_order() -> None:
     row = {"tags": "a,\r\n b\n\nc", "description": "One.\u2028Two.", "other": None}
     assert sidecar_text(row, ["tags", "description"]) == "a, b c\nOne. Two.\n"
     assert sidecar_text(row, ["description", "other", "tags"]) == "One. Two.\n\na, b c\n"
+
+
+# Every line boundary str.splitlines knows; the first test keeps this list honest.
+LINE_BOUNDARIES = ("\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+
+
+def test_line_boundaries_are_all_that_splitlines_knows() -> None:
+    splitting = {chr(code) for code in range(0x3000) if len(f"a{chr(code)}b".splitlines()) == 2}
+    assert splitting == set(LINE_BOUNDARIES) - {"\r\n"}
+    assert all(len(f"a{boundary}b".splitlines()) == 2 for boundary in LINE_BOUNDARIES)
+
+
+@pytest.mark.parametrize("boundary", LINE_BOUNDARIES, ids=[repr(boundary) for boundary in LINE_BOUNDARIES])
+def test_sidecar_text_flattens_every_line_boundary(boundary: str) -> None:
+    row = {"tags": f"a{boundary}b", "description": f"{boundary} x {boundary}{boundary}\ty{boundary}"}
+    assert sidecar_text(row, ["tags", "description"]).splitlines() == ["a b", "x y"]
+
+
+def test_export_writes_one_line_per_mode_whatever_the_boundary(fake_output: FakeOutput) -> None:
+    rows = [_row(f"b{index}.jpg", None, "000000", captions={"tags": f"a{boundary}b", "description": f"x{boundary}"})
+            for index, boundary in enumerate(LINE_BOUNDARIES)]
+    _write_parquet(part_path(str(fake_output.output), "000000"), rows)  # shard 000000 holds only these now
+    target = fake_output.root / "boundaries"
+    export_txt(str(fake_output.output), str(target), None, {})
+    for index, boundary in enumerate(LINE_BOUNDARIES):
+        written = (target / f"b{index}.txt").read_text("utf-8")
+        assert written.splitlines() == ["a b", "x"], (boundary, written)
 
 
 def test_export_to_folder(fake_output: FakeOutput) -> None:

@@ -1,0 +1,153 @@
+"""The pipeline's machinery without the engine: can one driver keep up with 64 GPUs?
+
+    python bench/bench_machinery.py [--images 1024] [--shard-size 16] [--json OUT]
+
+Runs the whole pipeline (listing, read and decode tasks, Ray Data, the caption actor pool, fragment
+writes, shard commits, markers) with the caption actor replaced by an instant stand-in that fills every
+mode with a fixed caption. Once with the output on local disk and once on an S3 server (moto, started
+on loopback in its own process), each with commits as Ray tasks (`compute.commit_tasks: 16`, the
+default) and with commits on the driver's thread (`commit_tasks: 0`, the baseline measured in the same
+run). Reports images/s, shard commits/s, commit latency p50/p99 (shard complete on the driver to marker
+written), and the driver's CPU per 1,000 images: the whole driver process (Ray Data's executor runs in
+it too) and the pipeline's own loop (bookkeeping and reading write reports). The stand-in lives here
+only; the pipeline takes it through `execute(captioner=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+class InstantCaptioner:
+    """Stands in for CaptionActor: same batch in, the same rows with every mode captioned at once."""
+
+    def __init__(self, config_json: str) -> None:
+        from pipeline.config import RunConfig
+        from pipeline.sink import in_flight_schema
+
+        self.modes = [mode.name for mode in RunConfig.model_validate_json(config_json).modes]
+        self.schema = in_flight_schema(self.modes)
+
+    def __call__(self, batch: Any) -> Any:
+        from pipeline.sink import to_table
+
+        columns = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "pixels"}
+        ok = [status == "ok" for status in columns["status"]]
+        for mode in self.modes:
+            columns[mode] = ["a photograph of something" if good else None for good in ok]
+            columns[f"{mode}_tokens"] = [5 if good else None for good in ok]
+            columns[f"{mode}_attempts"] = [1 if good else None for good in ok]
+            columns[f"{mode}_finish_reason"] = ["stop" if good else None for good in ok]
+        return to_table(columns, self.schema)
+
+
+def _images(folder: Path, count: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=80)
+        path = folder / f"{index // 1000:03d}" / f"{index:07d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer.getvalue())
+
+
+def _moto() -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return server, endpoint
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("moto server did not start")
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(input_uri: str, output_uri: str, commit_tasks: int, shard_size: int) -> dict[str, Any]:
+    from pipeline.config import build_config
+    from pipeline.run import execute
+
+    config = build_config({
+        "input": {"uri": input_uri, "shard_size": shard_size}, "output": {"uri": output_uri},
+        "model": {"path": "unused-by-the-stand-in"}, "modes": "dual",
+        "compute": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 64, "commit_tasks": commit_tasks}})
+    cpu, started = _cpu(), time.perf_counter()
+    summary = execute(config, overwrite=True, allow_existing=True, captioner=InstantCaptioner)
+    seconds, cpu = time.perf_counter() - started, _cpu() - cpu
+    commits = summary["commits"]
+    return {"commit_tasks": commit_tasks, "images": summary["images"], "shards": summary["shards"],
+            "seconds": round(seconds, 2), "images_per_s": round(summary["images"] / seconds, 1),
+            "commits_per_s": round(summary["shards"] / seconds, 2),
+            "latency_p50_s": commits["latency_p50_s"], "latency_p99_s": commits["latency_p99_s"],
+            "driver_cpu_ms_per_1000": round(1e6 * cpu / summary["images"], 1),
+            "loop_cpu_ms_per_1000": commits["driver_loop_cpu_ms_per_1000_images"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    server, endpoint = _moto()
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint, NO_PROXY="127.0.0.1,localhost")
+    import ray
+    import s3fs
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            images = Path(scratch) / "images"
+            _images(images, args.images)
+            fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+            fs.mkdir("bench")
+            fs.put(str(images) + "/", "bench/images/", recursive=True)
+            ray.init(include_dashboard=False, log_to_driver=False)  # outside the timed runs
+            for where, source, target in (("local", str(images), str(Path(scratch) / "out")),
+                                          ("s3", "s3://bench/images", "s3://bench/out")):
+                results[where] = [run_once(source, target, tasks, args.shard_size) for tasks in (0, 16)]
+    finally:
+        server.terminate()
+    print(f"{args.images} images, shards of {args.shard_size}, dual caption, instant stand-in engine")
+    for where, (inline, tasks) in results.items():
+        for row in (inline, tasks):
+            print(f"{where:>5} commit_tasks={row['commit_tasks']:<3} {row['images_per_s']:8.1f} images/s "
+                  f"{row['commits_per_s']:6.2f} commits/s  latency p50 {row['latency_p50_s']:.3f} s "
+                  f"p99 {row['latency_p99_s']:.3f} s  driver CPU {row['driver_cpu_ms_per_1000']:7.1f} ms/1000 images "
+                  f"(own loop {row['loop_cpu_ms_per_1000']:.1f})")
+        print(f"{where:>5} commits as tasks / on the driver: {tasks['commits_per_s'] / inline['commits_per_s']:.2f}x "
+              f"commits/s, driver CPU {tasks['driver_cpu_ms_per_1000'] / inline['driver_cpu_ms_per_1000']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
