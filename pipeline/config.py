@@ -166,8 +166,9 @@ class ComputeConfig(Strict):
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per read/decode task.")
     max_actor_restarts: int = Field(2, ge=0, description="Times a dead caption actor (or engine) is replaced "
                                                          "before the run fails.")
-    commit_tasks: int = Field(16, ge=0, le=1024, description="Shard commits in flight at once, as Ray tasks off "
-                                                            "the driver; 0 commits on the driver's own thread.")
+    commit_tasks: int = Field(0, ge=0, le=1024, description="Shard commits in flight at once as Ray tasks off the "
+                                                           "driver (each a Ray worker process); 0 commits on the "
+                                                           "driver's own thread (faster on a small node).")
 
 
 class RunConfig(Strict):

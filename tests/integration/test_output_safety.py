@@ -28,7 +28,8 @@ def test_two_runs_started_at_once_on_one_output_one_refused_in_words(tmp_path: P
                                                                       samples: Path):
     out = tmp_path / "out"
     config = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(out),
-                          input={"uri": str(samples), "shard_size": 3})
+                          input={"uri": str(samples), "shard_size": 3},
+                          compute={"batch_size": 16, "commit_tasks": 4})  # commits as Ray tasks
     runs = [subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = [(run.pid, *run.communicate(timeout=900), run.returncode) for run in runs]
