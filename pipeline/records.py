@@ -80,9 +80,10 @@ class Marker:
 
 
 def reason_kind(error: str | None) -> str:
-    """The kind of an error reason, for counting: its text before the first colon (`truncated or corrupt
-    image`, `not an image`, `unreadable object`, ...), without numbers that make every reason unique."""
-    head = (error or "unknown").split(":", 1)[0].strip()
+    """The kind of an error reason, for counting: its text before the first colon or parenthesis
+    (`truncated or corrupt image`, `not an image`, `empty file`, `unreadable object`, ...), with numbers
+    that make every reason unique written as N (`unreadable row group N`)."""
+    head = re.split(r"[:(]", error or "unknown", maxsplit=1)[0]
     return re.sub(r"\d+", "N", " ".join(head.split()))[:80] or "unknown"
 
 

@@ -84,13 +84,14 @@ def test_error_reasons_are_counted_by_kind_and_the_verdict_names_them():
     from pipeline.records import Marker, Totals, reason_kind
     from pipeline.run import UnhealthyOutputError, check_health
 
-    assert reason_kind("empty file (0 bytes)") == "empty file (N bytes)"
+    assert reason_kind("empty file (0 bytes)") == "empty file"
+    assert reason_kind("corrupt image (OSError: broken)") == "corrupt image"
     assert reason_kind("unreadable row group 12: OSError: bad") == "unreadable row group N"
     assert reason_kind(None) == "unknown"
     totals = Totals.of([Marker.of("000000", {"rows": 4, "ok": 1, "errors": 3,
-                                             "error_reasons": {"not an image": 2, "empty file (N bytes)": 1}}),
+                                             "error_reasons": {"not an image": 2, "empty file": 1}}),
                         Marker.of("000001", {"rows": 2, "ok": 2, "errors": 0})])
-    assert totals.error_share == 0.5 and list(totals.error_reasons) == ["not an image", "empty file (N bytes)"]
+    assert totals.error_share == 0.5 and list(totals.error_reasons) == ["not an image", "empty file"]
     summary = {"images": totals.rows, "ok": totals.ok, "errors": totals.errors, "error_reasons": totals.error_reasons}
     check_health(summary, 0.5)  # at the limit: fine
     with pytest.raises(UnhealthyOutputError, match=r"50% of the rows are errors.*not an image \(2\)"):
