@@ -4,7 +4,9 @@ Planning is streamed. A new output lists the input once and stores one plan file
 an unfinished output trusts its plan and skips the listing (resume only finishes what was planned). A
 re-run of a finished output lists the input again and plans what is new into new shards after the last
 one, leaving committed shards untouched; files planned before and gone now are reported, never dropped
-from the table. The diff keeps 8 bytes per planned unit (a 64-bit hash), not the unit names.
+from the table. The diff holds 64-bit hashes of the units, not their names: with the arrays' sorted copies
+and the file-list de-duplication beside them, about 90 bytes of driver memory per planned unit at the peak
+(measured on a million, bench/bench_plan.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def unit_hash(unit: str) -> int:
 
 
 class UnitSet:
-    """A sorted set of 64-bit unit hashes: membership by binary search, 8 bytes a unit."""
+    """A sorted set of 64-bit unit hashes: membership by binary search, 8 bytes a unit once built."""
 
     def __init__(self, hashes: array) -> None:
         self.values = np.unique(np.frombuffer(hashes, dtype=np.uint64)) if len(hashes) else np.empty(0, np.uint64)

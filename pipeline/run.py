@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.commit import Committer
 from pipeline.config import RunConfig
 from pipeline.engine import CaptionActor
-from pipeline.io.fs import TransientStorageError, to_uri
+from pipeline.io.fs import TransientStorageError
 from pipeline.lease import LeaseInfo, OutputLease
 from pipeline.ledger import Ledger
 from pipeline.manifest import public_config, run_metadata
@@ -163,7 +163,7 @@ def summarise(ledger: Ledger, config: RunConfig, seconds: float, committer: Comm
     latencies = sorted(marker.commit_s for marker in now if marker.commit_s is not None)
     images_now = sum(marker.rows for marker in now)
     return {
-        "output": to_uri(ledger.fs, ledger.root),
+        "output": ledger.uri,
         "shards": totals.shards, "shards_committed_this_run": len(now),
         "images": totals.rows, "ok": totals.ok, "errors": totals.errors, "error_reasons": totals.error_reasons,
         "modes": totals.modes_report(), "seconds": round(seconds, 1), "fingerprint": config.fingerprint(),
