@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline import prompts
+from pipeline.cleanup import TAG_CAPTION_TYPES
 from pipeline.io.uris import canonical_uri
+from pipeline.modes import expand_presets, resolve_modes  # modes.py imports config for type hints only: no cycle
 
 MODE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # Columns every row has; mode names must not shadow them or their per-mode suffixes.
@@ -100,6 +102,40 @@ class WeightedPrompt(Strict):
         return self
 
 
+class TagCleanup(Strict):
+    """Clean-up of a comma-separated tag list (tag modes: danbooru, e621, rule34, booru_like)."""
+
+    style: Literal["spaces", "underscores", "as_is"] = Field(
+        "as_is", description="Words inside a tag: `spaces` (long hair), `underscores` (long_hair, Danbooru's own "
+                             "spelling) or `as_is`. Emoticon tags such as ^_^ and o_o keep their underscores.")
+    lowercase: bool = Field(False, description="Lower-case every tag.")
+    dedupe: bool = Field(False, description="Drop a tag seen earlier in the list; `Long_Hair`, `long hair` and "
+                                            "`long_hair` count as one tag. The first spelling (restyled) stays.")
+    separator: str = Field(", ", min_length=1, description="Joins the cleaned tags (the model's list is split "
+                                                           "at commas and line breaks).")
+
+
+class CleanupConfig(Strict):
+    """Clean-up of a mode's captions after generation, in the write stage; all off by default.
+
+    When any rule is on, the mode's column holds the cleaned caption and `<mode>_raw` the model's text as
+    generated (without prepend/append), and the settings go into the manifest and the fingerprint."""
+
+    strip_meta_openings: bool = Field(
+        False, description="Remove a leading meta phrase (\"This image shows\", \"In this image,\", \"Here is a "
+                           "description of the image:\") and re-capitalise; kept when removing it would leave a "
+                           "fragment. A medium stays: \"This photo shows a cat\" becomes \"A photo of a cat\".")
+    normalise_whitespace: bool = Field(
+        False, description="Collapse runs of spaces and tabs, trim lines, at most one blank line in a row.")
+    tags: TagCleanup | None = Field(
+        None, description="Tag list clean-up; only for tag caption types, or free-text `prompt`s that ask "
+                          "for tags.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.strip_meta_openings or self.normalise_whitespace or self.tags is not None
+
+
 class ModeConfig(Strict):
     name: str = Field(description="Output column for this mode's caption.")
     type: str | None = Field(None, description="Caption type id, e.g. straightforward.")
@@ -114,6 +150,9 @@ class ModeConfig(Strict):
     top_k: int | None = Field(None, ge=1)
     prepend: str = Field("", description="Text put before every caption of this mode.")
     append: str = Field("", description="Text put after every caption of this mode.")
+    cleanup: CleanupConfig = Field(
+        default_factory=CleanupConfig,
+        description="Clean-up of this mode's captions (off by default); the model's text stays in `<name>_raw`.")
 
     @field_validator("name")
     @classmethod
@@ -121,6 +160,21 @@ class ModeConfig(Strict):
         if not MODE_NAME.match(name) or name in BASE_COLUMNS:
             raise ValueError(f"mode name {name!r} must be lower_snake_case and not one of {sorted(BASE_COLUMNS)}")
         return name
+
+    @field_validator("cleanup")
+    @classmethod
+    def _tag_cleanup_needs_tags(cls, cleanup: CleanupConfig, info: ValidationInfo) -> CleanupConfig:
+        """Tag rules split at commas: on a descriptive caption they would mangle sentences. A free-text
+        prompt may ask for tags, so it is allowed; a weighted set only when every entry is."""
+        if cleanup.tags is None:
+            return cleanup
+        recipes = info.data.get("prompts") or ()
+        types = [info.data.get("type")] + [recipe.type for recipe in recipes]
+        wrong = sorted({kind for kind in types if kind is not None and kind not in TAG_CAPTION_TYPES})
+        if wrong:
+            raise ValueError(f"`tags` is for tag caption types {sorted(TAG_CAPTION_TYPES)} or free-text prompts, "
+                             f"not {', '.join(wrong)}")
+        return cleanup
 
     @model_validator(mode="after")
     def _recipe_is_valid(self) -> ModeConfig:
@@ -164,8 +218,16 @@ class ComputeConfig(Strict):
         None, ge=1, description="Actor batches an engine works on at once; default 2 on GPUs (the next batch's "
                                 "requests queue while the last one drains), 1 on CPU engines.")
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per read/decode task.")
-    max_actor_restarts: int = Field(2, ge=0, description="Times a dead caption actor (or engine) is replaced "
-                                                         "before the run fails.")
+    max_actor_restarts: int = Field(2, ge=0, description="Times a caption actor whose engine failed, hung or died "
+                                                         "is replaced (its batches redone) before the run fails.")
+    requests_in_flight: int | None = Field(
+        None, ge=1, description="Requests each engine holds at once; default the engine's max_num_seqs. Batches "
+                                "are admitted image by image up to it; glitch retries go in at once.")
+    engine_stall_timeout_s: float = Field(
+        600.0, gt=0, description="Watchdog: an engine step that has not returned after this long while requests "
+                                 "wait ends the actor, and Ray replaces it.")
+    device_wait_s: float = Field(120.0, ge=0, description="GPU engines: how long a new actor waits for its GPU's "
+                                                         "memory to be freed by the engine it replaces.")
     commit_tasks: int = Field(0, ge=0, le=1024, description="Shard commits in flight at once as Ray tasks off the "
                                                            "driver (each a Ray worker process); 0 commits on the "
                                                            "driver's own thread (faster on a small node).")
@@ -184,8 +246,6 @@ class RunConfig(Strict):
     @field_validator("modes", mode="before")
     @classmethod
     def _expand_presets(cls, value: Any) -> Any:
-        from pipeline.modes import expand_presets
-
         return expand_presets(value)
 
     @field_validator("modes")
@@ -201,8 +261,6 @@ class RunConfig(Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what a row contains; resume refuses a different one."""
-        from pipeline.modes import resolve_modes
-
         input_material = {**self.input.model_dump(exclude={"storage_options"}), "uri": canonical_uri(self.input.uri)}
         if input_material.get("image_column") is None:  # unset = found per file; the fingerprint of the old default
             input_material["image_column"] = "image"
@@ -286,15 +344,20 @@ def absolute_paths(config: RunConfig) -> RunConfig:
     })
 
 
+def read_yaml(path: str | Path, what: str, error: type[Exception]) -> Any:
+    """The YAML document at `path`; a missing file or bad YAML raises `error` in one line naming `what`."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise error(f"{what} {path} is not valid YAML: {err}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), input_uri: str | None = None,
                 output_uri: str | None = None) -> RunConfig:
     """Read, override and validate a YAML run config."""
-    try:
-        tree = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    tree = read_yaml(path, "config", ConfigError)
     if not isinstance(tree, dict):
         raise ConfigError(f"config {path} must be a mapping of sections")
     extra = list(overrides)

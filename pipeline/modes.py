@@ -12,10 +12,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline import prompts
+from pipeline import cleanup, prompts
 
 if TYPE_CHECKING:
-    from pipeline.config import RunConfig
+    from pipeline.config import CleanupConfig, RunConfig
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "dual": [
@@ -60,6 +60,7 @@ class ResolvedMode:
     top_k: int | None
     prepend: str
     append: str
+    cleanup: CleanupConfig | None = None  # None when the mode's clean-up is off (the default)
 
     def instruction_for(self, run_seed: int, key: str) -> str:
         """Draw this image's instruction by weight, reproducibly from the run seed and key."""
@@ -77,8 +78,12 @@ class ResolvedMode:
                 "top_k": self.top_k}
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "instructions": list(self.instructions), "weights": list(self.weights),
-                "prepend": self.prepend, "append": self.append, **self.sampling()}
+        described = {"name": self.name, "instructions": list(self.instructions), "weights": list(self.weights),
+                     "prepend": self.prepend, "append": self.append, **self.sampling()}
+        # Only when on: a mode without clean-up keeps the fingerprint it had before clean-up existed.
+        if self.cleanup is not None:
+            described["cleanup"] = cleanup.describe(self.cleanup)
+        return described
 
 
 def resolve_modes(config: RunConfig) -> list[ResolvedMode]:
@@ -96,6 +101,6 @@ def resolve_modes(config: RunConfig) -> list[ResolvedMode]:
             max_tokens=mode.max_tokens or defaults.max_tokens,
             temperature=defaults.temperature if mode.temperature is None else mode.temperature,
             top_p=mode.top_p or defaults.top_p, top_k=mode.top_k or defaults.top_k,
-            prepend=mode.prepend, append=mode.append,
+            prepend=mode.prepend, append=mode.append, cleanup=mode.cleanup if mode.cleanup.enabled else None,
         ))
     return resolved

@@ -40,9 +40,12 @@ BASE_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("meta", pa.string()),
 ]
-# Per mode `m`: the caption in column `m`, and what produced it beside it.
+# Per mode `m`: the caption in column `m`, and what produced it beside it. `m_raw` is the model's text
+# before the mode's clean-up (cleanup.py), null when the mode has none. Mode names come from the manifest,
+# never from column names, so `m_raw` is not taken for a mode.
 MODE_SUFFIXES: dict[str, pa.DataType] = {
     "": pa.string(),
+    "_raw": pa.string(),
     "_prompt": pa.string(),
     "_tokens": pa.int32(),
     "_finish_reason": pa.string(),
@@ -113,7 +116,18 @@ def write_fragments(table: pa.Table, output_uri: str, storage_options: dict[str,
 
 
 def _read_parquet(fs: Any, path: str, schema: pa.Schema) -> pa.Table:
-    return pq.read_table(io.BytesIO(read_bytes(fs, path))).cast(schema)
+    return conform(pq.read_table(io.BytesIO(read_bytes(fs, path))), schema)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`'s columns and order; columns it lacks are null, columns the schema lacks an error
+    (as before). A part file committed before a column existed (`<mode>_raw`) then merges with new rows when
+    a resumed run redoes its error rows."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    extra = [name for name in table.column_names if name not in schema.names]
+    return table.select([*schema.names, *extra]).cast(schema)
 
 
 def write_expected(output_uri: str, storage_options: dict[str, Any], shard: str, keys: list[str]) -> None:

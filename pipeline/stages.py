@@ -3,21 +3,25 @@
     read_and_prepare   [CPU tasks, generator UDF]: shard ids in, prepared image rows out, a bounded batch
                        at a time; every record of the shard becomes exactly one row (an image or an error)
     write_stage        [CPU tasks]: captioned rows out to `_staging/<shard>/` fragments, and a report of
-                       which keys each fragment holds for the committer
+                       which keys each fragment holds for the committer; a mode's clean-up (cleanup.py) is
+                       applied here, off the caption actor's hot loop
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline import cleanup
 from pipeline.config import RunConfig
 from pipeline.images import prepare_image
 from pipeline.io.fs import read_bytes
 from pipeline.io.sources import Shard, read_shard
 from pipeline.ledger import Ledger
+from pipeline.modes import ResolvedMode, resolve_modes
 from pipeline.sink import read_schema, to_table, write_expected, write_fragments
 
 READ_BATCH = 16  # prepared images per block leaving a read task (~7 MB)
@@ -84,7 +88,36 @@ def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return to_table({name: [row.get(name) for row in rows] for name in schema.names}, schema)
 
 
-def write_stage(batch: pa.Table, output_uri: str, storage_options: dict[str, Any]) -> pa.Table:
+@functools.lru_cache(maxsize=8)
+def _modes_to_clean(config_json: str) -> tuple[ResolvedMode, ...]:
+    """The modes with a clean-up, parsed once per worker process and config (not once per batch)."""
+    return tuple(mode for mode in resolve_modes(RunConfig.model_validate_json(config_json))
+                 if mode.cleanup is not None)
+
+
+def clean_captions(batch: pa.Table, modes: tuple[ResolvedMode, ...]) -> pa.Table:
+    """Each mode's column cleaned, and the model's text in `<mode>_raw` (added if the batch lacks it)."""
+    for mode in modes:
+        if mode.cleanup is None or mode.name not in batch.column_names:
+            continue
+        cleaned, raw = cleanup.clean_column(batch.column(mode.name).to_pylist(), mode.prepend, mode.append,
+                                            mode.cleanup)
+        batch = batch.set_column(batch.column_names.index(mode.name), pa.field(mode.name, pa.string()),
+                                 pa.array(cleaned, pa.string()))
+        raw_field = pa.field(f"{mode.name}_raw", pa.string())
+        if raw_field.name in batch.column_names:
+            batch = batch.set_column(batch.column_names.index(raw_field.name), raw_field, pa.array(raw, pa.string()))
+        else:
+            batch = batch.append_column(raw_field, pa.array(raw, pa.string()))
+    return batch
+
+
+def write_stage(batch: pa.Table, output_uri: str, storage_options: dict[str, Any],
+                config_json: str | None = None) -> pa.Table:
+    """Clean captions where a mode asks for it (needs `config_json`, the run's config), write the fragments,
+    and report their keys to the committer."""
+    if config_json is not None:
+        batch = clean_captions(batch, _modes_to_clean(config_json))
     reports = write_fragments(batch, output_uri, storage_options)
     return pa.Table.from_pylist(reports, schema=pa.schema([("shard", pa.string()), ("shard_size", pa.int64()),
                                                            ("keys", pa.list_(pa.string()))]))
