@@ -14,6 +14,7 @@ model's tokenizer config says.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -21,12 +22,15 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 
+from pipeline.admission import AdmissionGate, AdmissionStats, EngineFailedError, EngineStalledError, Job, run_batch
 from pipeline.config import ModelConfig, RunConfig
+from pipeline.engine_faults import with_faults
 from pipeline.engine_loop import EngineLoop
 from pipeline.images import pixels_to_image
 from pipeline.modes import ResolvedMode, derive_seed, resolve_modes
@@ -128,6 +132,73 @@ def prepare_environment(model: ModelConfig, on_gpu: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def requests_in_flight_target(config: RunConfig, engine: Any) -> int:
+    """Requests an engine holds at once: `compute.requests_in_flight`, else the engine's own batch limit
+    (`max_num_seqs`, which vLLM sizes per device), so the scheduler always has a full batch to pick from
+    and a retry never queues behind more than one batch's worth of requests."""
+    if config.compute.requests_in_flight:
+        return config.compute.requests_in_flight
+    scheduler = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+    return int(getattr(scheduler, "max_num_seqs", 0) or 256)
+
+
+def stop_engine_processes(shutdown: Callable[[], None], timeout_s: float) -> None:
+    """Shut the engine down, but give up after `timeout_s` (a hung engine may never answer), then kill
+    whatever child processes are left: an engine-core process that outlives its actor keeps holding
+    the GPU, and the replacement actor could not start."""
+    stopper = threading.Thread(target=_quietly, args=(shutdown,), daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def _quietly(call: Callable[[], None]) -> None:
+    with contextlib.suppress(Exception):
+        call()
+
+
+def wait_for_device_memory(share: float, timeout_s: float, free_share: Callable[[], float | None] | None = None,
+                           poll_s: float = 2.0) -> None:
+    """Wait until this actor's GPU has `share` of its memory free, for at most `timeout_s`.
+
+    A replaced actor usually lands on the GPU its predecessor used; if that engine's processes are
+    still freeing memory, vLLM's memory profiling fails, which is fatal by design. Waiting a little is
+    the difference between a healed actor and a failed run. After the timeout the engine starts anyway
+    and its own error says what holds the memory."""
+    free_share = free_share or _free_device_share
+    deadline = time.monotonic() + timeout_s
+    said = 0.0
+    while True:
+        free = free_share()
+        if free is None or free >= share or time.monotonic() >= deadline:
+            return
+        if time.monotonic() - said >= 10:
+            said = time.monotonic()
+            log.warning("GPU has %.0f%% of its memory free, the engine needs %.0f%%: waiting up to %.0f s more for "
+                        "the previous engine to free it", 100 * free, 100 * share, deadline - time.monotonic())
+        time.sleep(poll_s)
+
+
+def _free_device_share() -> float | None:
+    """Free share of the memory of this actor's first GPU, from NVML (no CUDA context is created, which
+    would change how vLLM starts its processes); None when it cannot be read."""
+    try:
+        import pynvml
+        import ray
+
+        pynvml.nvmlInit()
+        ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        index = int(ids[0]) if ids else 0
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return float(info.free) / float(info.total)
+    except Exception:  # no NVML, a MIG or UUID device name: do not wait on what cannot be seen
+        return None
+
+
 def gpu_available() -> bool:
     import torch
 
@@ -147,6 +218,14 @@ class Generation:
     attempts: int
     seed: int
     prompt: str
+    cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request the engine turned down on its own (the image becomes an error row)."""
+
+    reason: str
 
 
 def log_from_ray_worker() -> None:
@@ -173,25 +252,32 @@ class CaptionActor:
 
         started = time.monotonic()
         self._sampling_params = SamplingParams
+        if on_gpu:  # a replaced actor's engine may still be freeing the device
+            wait_for_device_memory(self.config.model.gpu_memory_utilization, self.config.compute.device_wait_s)
         try:
             self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
         except Exception as err:
             # Fail the run now, with the engine's own message, rather than retrying a broken model.
             raise EngineStartError(f"engine failed to start for model {self.config.model.path!r}: "
                                    f"{type(err).__name__}: {err}") from err
+        # Ray Data deletes the actor's UDF on a graceful exit, but not when the worker is killed; at
+        # interpreter exit the engine is stopped explicitly either way.
+        atexit.register(self.shutdown)
         self.tokenizer = self.llm.get_tokenizer()
         self._prompt_ids: dict[str, list[int]] = {}
         self._tokenizer_lock = threading.Lock()  # Ray Data calls this actor from several threads
-        self.loop = EngineLoop(self.llm.llm_engine)
+        self.loop = EngineLoop(with_faults(self.llm.llm_engine))
+        self.gate = AdmissionGate(requests_in_flight_target(self.config, self.llm.llm_engine))
+        self.admission_stats = AdmissionStats()
         # The Unix time lets a benchmark line the engine's start up with the driver's commit times.
-        log.info("engine ready in %.1fs (%s, at %.3f)", time.monotonic() - started, "GPU" if on_gpu else "CPU",
-                 time.time())
+        log.info("engine ready in %.1fs (%s, at %.3f); %d requests in flight at most", time.monotonic() - started,
+                 "GPU" if on_gpu else "CPU", time.time(), self.gate.target)
 
     def shutdown(self) -> None:
-        """Stop the engine's worker processes now rather than at interpreter exit."""
+        """Stop the engine loop and the engine's processes (idempotent: atexit, __del__ and die all call it)."""
         loop = getattr(self, "loop", None)
         if loop is not None:
-            loop.shutdown()
+            loop.shutdown(timeout=5)
         engine = getattr(self, "llm", None)
         core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
         if core is not None:
@@ -227,30 +313,31 @@ class CaptionActor:
                                        seed=seed, skip_special_tokens=True, **extra)
         return {"prompt_token_ids": self.prompt_ids(instruction), "multi_modal_data": {"image": image}}, params
 
-    def caption(self, keys: list[str], images: list[Any]) -> list[list[Generation]]:
-        """Caption every image in every mode, retrying glitches; result[i][m] for image i, mode m."""
+    def caption(self, keys: list[str], images: list[Any]) -> list[list[Generation | Refused]]:
+        """Caption every image in every mode, retrying glitches as soon as they are seen; result[i][m] for
+        image i, mode m. Raises EngineFailedError / EngineStalledError when the engine is unusable."""
         quality = self.config.quality
-        results: list[list[Generation | None]] = [[None] * len(self.modes) for _ in keys]
         # Drawn once per image and mode (weighted prompts): retries and the output row use the same one.
         instructions = [[mode.instruction_for(self.config.seed, key) for mode in self.modes] for key in keys]
-        # Image-major order: the modes of one image are adjacent and share its prefix.
-        pending = [(i, m, 0) for i in range(len(keys)) for m in range(len(self.modes))]
-        while pending:
-            requests, params = zip(*(self.request(keys[i], images[i], self.modes[m], attempt, instructions[i][m])
-                                     for i, m, attempt in pending), strict=True)
-            # Through the shared loop: another batch's requests keep the engine full while these finish.
-            outputs = self.loop.generate(requests, params)
-            retry = []
-            for (i, m, attempt), output, param in zip(pending, outputs, params, strict=True):
-                completion = output.outputs[0]
-                text = completion.text.strip()
-                glitch = detect_glitch(text, completion.finish_reason, quality)
-                results[i][m] = Generation(text, len(completion.token_ids), completion.finish_reason, glitch,
-                                           attempt + 1, param.seed, instructions[i][m])
-                if glitch in quality.retry_on and attempt + 1 < quality.max_attempts:
-                    retry.append((i, m, attempt + 1))
-            pending = retry
-        return [[g for g in row if g is not None] for row in results]
+
+        def make_request(job: Job) -> tuple[dict[str, Any], Any]:
+            return self.request(keys[job.image], images[job.image], self.modes[job.mode], job.attempt,
+                                instructions[job.image][job.mode])
+
+        def judge(job: Job, output: Any, error: BaseException | None) -> tuple[Generation | Refused, bool]:
+            if error is not None:  # the engine refused this request alone (too long, bad input)
+                return Refused(f"engine refused the request: {type(error).__name__}: {error}"), False
+            completion = output.outputs[0]
+            text = completion.text.strip()
+            glitch = detect_glitch(text, completion.finish_reason, quality)
+            seed = derive_seed(self.config.seed, keys[job.image], self.modes[job.mode].name, job.attempt)
+            generation = Generation(text, len(completion.token_ids), completion.finish_reason, glitch,
+                                    job.attempt + 1, seed, instructions[job.image][job.mode],
+                                    getattr(output, "num_cached_tokens", None))
+            return generation, glitch in quality.retry_on and job.attempt + 1 < quality.max_attempts
+
+        return run_batch(self.loop, self.gate, len(keys), len(self.modes), make_request, judge,
+                         self.config.compute.engine_stall_timeout_s, self.admission_stats)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "pixels"}
@@ -260,19 +347,19 @@ class CaptionActor:
         images = [pixels_to_image(pixels[i].as_py()) for i in ok]
         try:
             generations = self.caption(keys, images) if ok else []
-        except Exception as err:
-            if type(err).__name__ == "EngineDeadError":
-                # The engine process died (out of memory, device error). Exiting the actor process lets
-                # Ray restart it with a fresh engine (compute.max_actor_restarts times) and retry this
-                # batch; nothing is committed for it until it is captioned.
-                log.error("vLLM engine died (%s); restarting this caption actor", err)
-                os._exit(70)
-            raise
+        except (EngineFailedError, EngineStalledError) as err:
+            self.die(err)
         rows = batch.num_rows
+        for position, i in enumerate(ok):
+            refused = next((g for g in generations[position] if isinstance(g, Refused)), None)
+            if refused is not None:  # the image becomes an error row, its other modes dropped with it
+                columns["status"][i], columns["error"][i] = "error", refused.reason
         for m, mode in enumerate(self.modes):
             values: dict[str, list[Any]] = {suffix: [None] * rows for suffix in MODE_SUFFIXES}
             for position, i in enumerate(ok):
                 g = generations[position][m]
+                if columns["status"][i] != "ok" or not isinstance(g, Generation):
+                    continue
                 values[""][i] = mode.prepend + g.text + mode.append
                 values["_prompt"][i] = g.prompt
                 values["_tokens"][i] = g.tokens
@@ -282,3 +369,12 @@ class CaptionActor:
                 values["_seed"][i] = g.seed
             columns.update({mode.name + suffix: column for suffix, column in values.items()})
         return to_table(columns, self.schema)
+
+    def die(self, err: BaseException) -> NoReturn:
+        """End this actor's process so Ray replaces it with a fresh engine (up to compute.max_actor_restarts
+        times) and redoes its batches; nothing is committed for them until they are captioned. An engine
+        that failed or hangs cannot be trusted with another request, whatever the error was."""
+        log.error("caption actor exiting so Ray replaces it: %s: %s", type(err).__name__, err)
+        stop_engine_processes(self.shutdown, timeout_s=10)
+        logging.shutdown()
+        os._exit(70)

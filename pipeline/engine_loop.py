@@ -9,7 +9,17 @@ drains, so the engine always has a full batch to schedule.
 Only the loop thread touches the engine (`LLMEngine` is not thread-safe): callers put their
 requests on a queue that the loop drains between engine steps. It uses the engine API that
 `LLM.generate` itself is built on (`add_request`, `step`, `has_unfinished_requests`), the same
-from vLLM 0.26 to 0.32.
+from vLLM 0.26 to 0.32. Where the engine has a renderer (vLLM 0.32), a prompt is rendered with it
+first and the engine gets the rendered input, as `LLM.generate` does: passing the raw prompt dict
+is deprecated there. vLLM 0.26 takes the raw prompt.
+
+Why not vLLM's async engine (`AsyncLLM`): it always runs the engine core in a process of its own
+(`make_async_mp_client`). On a CPU node that is the layout that halves throughput (a core spent
+busy-waiting); on a GPU it is what `LLMEngine` does anyway. One thread on `LLMEngine` works the same
+in-process on CPU and with the engine-core process on CUDA.
+
+The loop also says whether the engine still makes progress (`stalled_for`): the caption actor's
+watchdog ends an actor whose engine step has not returned for too long while requests wait.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -44,6 +55,9 @@ class EngineLoop:
         self._waiting: dict[str, Future[Any]] = {}
         self._failure: BaseException | None = None
         self._stopping = False
+        self._step_started: float | None = None  # monotonic start of the step in progress, if any
+        self.steps = 0
+        self._render = _renderer_of(engine)
         self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
         self._thread.start()
 
@@ -68,6 +82,17 @@ class EngineLoop:
     def in_flight(self) -> int:
         with self._lock:
             return len(self._incoming) + len(self._waiting)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What ended the loop when the engine failed (not set by a plain shutdown or a refused request)."""
+        return self._failure
+
+    def stalled_for(self) -> float:
+        """Seconds the engine step in progress has run (0 between steps or when idle). A healthy engine step
+        takes milliseconds on a GPU and seconds on a CPU; minutes mean the engine hangs."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop thread; requests still waiting fail with EngineLoopStoppedError."""
@@ -103,7 +128,7 @@ class EngineLoop:
             incoming, self._incoming = self._incoming, deque()
         for request_id, prompt, param, future in incoming:
             try:
-                self._engine.add_request(request_id, prompt, param)
+                self._engine.add_request(request_id, self._render(prompt) if self._render else prompt, param)
             except Exception as err:  # a request the engine refuses (too long, bad input) fails alone
                 future.set_exception(err)
                 continue
@@ -112,7 +137,11 @@ class EngineLoop:
         if not self._engine.has_unfinished_requests():
             self._fail_orphans()
             return True
-        for output in self._engine.step():
+        self._step_started = time.monotonic()
+        outputs = self._engine.step()
+        self._step_started = None
+        self.steps += 1
+        for output in outputs:
             if output.finished:
                 with self._lock:
                     future = self._waiting.pop(output.request_id, None)
@@ -139,3 +168,20 @@ class EngineLoop:
         for future in pending:
             if not future.done():
                 future.set_exception(err)
+
+
+def _renderer_of(engine: Any) -> Any:
+    """A function rendering a prompt dict into the engine's input the way `LLM.generate` does, or None
+    where the engine takes prompt dicts as they are (vLLM before the renderers, and test engines)."""
+    renderer = getattr(engine, "renderer", None)
+    if renderer is None or not hasattr(renderer, "render_cmpl"):
+        return None
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    model_config, params = engine.model_config, renderer.default_cmpl_tok_params
+
+    def render(prompt: Any) -> Any:
+        (rendered,) = renderer.render_cmpl([parse_model_prompt(model_config, prompt)], params)
+        return rendered
+
+    return render

@@ -9,10 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from pipeline.commit import Committer
@@ -36,11 +40,17 @@ def _init_ray(config: RunConfig) -> None:
 
     if ray.is_initialized():
         return
+    # Ray's driver installs a SIGTERM handler of its own; the run's (cli.py: one line, exit 143) stays.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     address = config.compute.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=config.compute.num_cpus, include_dashboard=False, log_to_driver=True)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the pipeline draws its own (console.py)
 
 
 def _actor_resources(config: RunConfig) -> tuple[int, float]:
@@ -55,13 +65,26 @@ def _actor_resources(config: RunConfig) -> tuple[int, float]:
     return actors, per_actor
 
 
+# The most requests a GPU engine schedules by default (vLLM's max_num_seqs for offline use on H100-class
+# GPUs); smaller GPUs get a lower limit from vLLM, and the extra batches then wait at the actor's gate.
+GPU_REQUESTS_IN_FLIGHT = 1024
+
+
 def batches_in_flight(config: RunConfig, gpus_per_actor: float) -> int:
-    """2 on GPUs: a GPU engine's step costs about the same for a full batch as for a draining one, so
-    the next batch should already be waiting. 1 on CPU: a CPU engine is compute-bound and a bigger batch
-    only makes each step slower (measured: 160 images on 2 cores, 107.6 s with 1 against 113.5 s with 2)."""
+    """Batches Ray Data hands each actor at once: enough to keep the engine's target of requests in flight,
+    plus one, so a batch waiting on its last long caption never leaves the engine short.
+
+    On a GPU the target is `compute.requests_in_flight` or `model.max_num_seqs`, else vLLM's default for
+    the device (the actor learns the exact figure; the driver sizes for the largest). On CPU it is one: a
+    CPU engine is compute-bound and a bigger batch only makes each step slower (measured: 160 images on 2
+    cores, 107.6 s with 1 against 113.5 s with 2)."""
     if config.compute.batches_in_flight is not None:
         return config.compute.batches_in_flight
-    return 2 if gpus_per_actor > 0 else 1
+    if gpus_per_actor <= 0:
+        return 1
+    target = config.compute.requests_in_flight or config.model.max_num_seqs or GPU_REQUESTS_IN_FLIGHT
+    per_batch = config.compute.batch_size * len(config.modes)
+    return -(-target // per_batch) + 1
 
 
 def caption_pool(actors: int, batches_in_flight: int) -> tuple[Any, dict[str, Any]]:
@@ -88,10 +111,12 @@ MAX_PASSES = 3  # a pass redoes the shards the previous one could not commit
 
 def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = False, allow_existing: bool = False,
             on_wait: Callable[[LeaseInfo, float], None] | None = None,
-            captioner: type = CaptionActor) -> dict[str, Any]:
+            captioner: type = CaptionActor,
+            display: Callable[[Progress], AbstractContextManager[Any]] | None = None) -> dict[str, Any]:
     """Run the pipeline to completion under the output's lease and return the summary.
 
-    `captioner` is the caption actor class (benchmarks swap in an instant stand-in to measure the rest)."""
+    `captioner` is the caption actor class (benchmarks swap in an instant stand-in to measure the rest);
+    `display` draws the progress while the passes run (the console's live line)."""
     started = time.monotonic()
     ledger = Ledger(config.output.uri, config.output.storage_options)
     ledger.check_target(allow_existing)  # a foreign folder is refused before the lease is written
@@ -105,14 +130,15 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
                             images_known=work.plan.get("images_known", 0), mode_names=[m.name for m in config.modes])
         committer = Committer(config, ledger, progress, lease, retrying=set(work.retry))
         items, loop_cpu_s = work.items(), 0.0
-        for attempt in range(1, MAX_PASSES + 1):
-            if not items:
-                break
-            if attempt > 1:
-                log.warning("pass %d: redoing %d shards that did not commit", attempt, len(items))
-            loop_cpu_s += _run_pass(config, items, committer, captioner)
-            redo = set(committer.take_unfinished())
-            items = [item for item in items if item["shard"] in redo]
+        with display(progress) if display and items else contextlib.nullcontext():
+            for attempt in range(1, MAX_PASSES + 1):
+                if not items:
+                    break
+                if attempt > 1:
+                    log.warning("pass %d: redoing %d shards that did not commit", attempt, len(items))
+                loop_cpu_s += _run_pass(config, items, committer, captioner)
+                redo = set(committer.take_unfinished())
+                items = [item for item in items if item["shard"] in redo]
         if items:
             raise RuntimeError(f"{len(items)} shards did not commit after {MAX_PASSES} passes (e.g. "
                                f"{items[0]['shard']}); see the log, then re-run to finish them")
@@ -146,8 +172,9 @@ def _run_pass(config: RunConfig, items: list[dict[str, Any]], committer: Committ
                         num_gpus=gpus_per_actor, num_cpus=config.compute.cpus_per_actor,
                         max_restarts=config.compute.max_actor_restarts, max_task_retries=-1,
                         **concurrency_args)
-    ds = ds.map_batches(write_stage, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"output_uri": output[0], "storage_options": output[1]}, num_cpus=0.1)
+    ds = ds.map_batches(write_stage, batch_size=None, batch_format="pyarrow",  # applies caption clean-up too
+                        fn_kwargs={"output_uri": output[0], "storage_options": output[1],
+                                   "config_json": config_json}, num_cpus=0.1)
     mark = time.thread_time()
     for report in ds.iter_rows():
         committer.add(report["shard"], report["shard_size"], list(report["keys"]))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 from pipeline.config import build_config
@@ -71,3 +72,30 @@ def test_a_global_that_vllm_cannot_inspect_sends_the_cpu_engine_to_its_own_proce
     assert module_blocking_in_process_engine() is None
     monkeypatch.setattr(sys, "modules", {"plain": clean, "app_with_proxy": proxied, "warnings": warnings})
     assert module_blocking_in_process_engine() == "app_with_proxy"
+
+
+def test_a_new_gpu_actor_waits_for_the_device_to_free_then_starts():
+    from pipeline.engine import wait_for_device_memory
+
+    readings = iter([0.05, 0.3, 0.95])
+    started = time.monotonic()
+    wait_for_device_memory(0.9, timeout_s=30, free_share=lambda: next(readings), poll_s=0.01)
+    assert time.monotonic() - started < 5
+    wait_for_device_memory(0.9, timeout_s=0.05, free_share=lambda: 0.1, poll_s=0.01)  # gives up, engine decides
+    wait_for_device_memory(0.9, timeout_s=30, free_share=lambda: None)  # unreadable: no wait
+
+
+def test_requests_in_flight_come_from_the_config_else_the_engines_batch_limit():
+    from types import SimpleNamespace
+
+    from pipeline.engine import requests_in_flight_target
+    from pipeline.run import batches_in_flight
+
+    tree = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "m"}, "modes": "dual"}
+    engine = SimpleNamespace(vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=512)))
+    assert requests_in_flight_target(build_config(tree), engine) == 512
+    assert requests_in_flight_target(build_config(tree, ["compute.requests_in_flight=96"]), engine) == 96
+    # Ray Data hands a GPU actor enough batches to fill the target, plus one; a CPU actor one batch.
+    assert batches_in_flight(build_config(tree), gpus_per_actor=1) == 1024 // 64 + 1
+    assert batches_in_flight(build_config(tree, ["model.max_num_seqs=100"]), gpus_per_actor=1) == 3
+    assert batches_in_flight(build_config(tree), gpus_per_actor=0) == 1

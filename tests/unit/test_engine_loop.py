@@ -9,56 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 
 import pytest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from pipeline.engine_loop import EngineLoop, EngineLoopStoppedError
-
-
-@dataclass
-class Output:
-    request_id: str
-    prompt: str
-    finished: bool = True
-
-
-class ScriptedEngine:
-    """A request's prompt says how many steps it needs ("steps:3"); "refuse" is rejected on add."""
-
-    def __init__(self, fail_at_step: int | None = None) -> None:
-        self.remaining: dict[str, tuple[str, int]] = {}
-        self.steps = 0
-        self.most_unfinished = 0
-        self.fail_at_step = fail_at_step
-        self.kinds: list[object] = []
-        self.lock = threading.Lock()
-
-    def add_request(self, request_id: str, prompt: str, params: SamplingParams) -> None:
-        if prompt == "refuse":
-            raise ValueError("prompt too long")
-        self.kinds.append(params.output_kind)
-        with self.lock:
-            self.remaining[request_id] = (prompt, int(prompt.split(":")[1]))
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.remaining)
-
-    def step(self) -> list[Output]:
-        self.steps += 1
-        if self.fail_at_step == self.steps:
-            raise RuntimeError("EngineCore died")
-        time.sleep(0.002)
-        self.most_unfinished = max(self.most_unfinished, len(self.remaining))
-        done = []
-        for request_id, (prompt, left) in list(self.remaining.items()):
-            if left <= 1:
-                del self.remaining[request_id]
-                done.append(Output(request_id, prompt))
-            else:
-                self.remaining[request_id] = (prompt, left - 1)
-        return done
+from tests.unit.scripted_engine import ScriptedEngine
 
 
 def params(count: int) -> list[SamplingParams]:
