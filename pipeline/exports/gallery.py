@@ -23,7 +23,8 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from pipeline.exports.table import Output, iter_batches, open_output
-from pipeline.io.fs import open_fs, read_bytes, write_atomic
+from pipeline.exports.targets import check_file_target, write_new
+from pipeline.io.fs import open_fs, read_bytes
 
 log = logging.getLogger("pipeline.exports.gallery")
 THUMBNAIL = 256  # longest side, px
@@ -150,18 +151,19 @@ def render_page(output: Output, rows: list[dict[str, Any]], total: int, seed: in
 
 def write_gallery(output_uri: str, page_path: str, sample: int = 48, seed: int = 0,
                   storage_options: dict[str, Any] | None = None,
-                  input_storage_options: dict[str, Any] | None = None) -> int:
+                  input_storage_options: dict[str, Any] | None = None, *, overwrite: bool = False) -> int:
     """Write the gallery page for a sample of committed rows; return how many rows it shows.
 
     Images are read with `input_storage_options` (default: the output's), since the manifest keeps
-    no credentials.
+    no credentials. An existing page is replaced only with `overwrite`; a folder is refused.
     """
     if sample < 1:
         raise ValueError("sample must be at least 1")
     output = open_output(output_uri, storage_options)
+    fs, path = open_fs(page_path, storage_options)
+    check_file_target(page_path, fs, path, "gallery", "gallery.html", overwrite)
     rows, total = sample_rows(output, sample, seed)
     page = render_page(output, rows, total, seed,
                        storage_options if input_storage_options is None else input_storage_options)
-    fs, path = open_fs(page_path, storage_options)
-    write_atomic(fs, path, page.encode("utf-8"))
+    write_new(fs, path, page.encode("utf-8"), overwrite)
     return len(rows)

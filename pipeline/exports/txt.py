@@ -4,7 +4,7 @@ Keys and sources come from the input (file names, tar members, list files) and a
 key is cut down to plain path segments, and the resolved target (symlinks followed) must still lie
 under the export root, or the row is refused with a warning: nothing is ever written outside it.
 Like the seed's script, existing `.txt` files are kept unless `overwrite` is asked for, so an
-export beside a dataset never clobbers captions a person wrote.
+export beside a dataset never clobbers captions a person wrote. A target that is a file is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 
 from pipeline.exports.table import Output, check_modes, open_output, shard_batches
+from pipeline.exports.targets import check_folder_target
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.io.fs import is_local, open_fs, write_atomic
 
@@ -183,6 +184,7 @@ def export_txt(output_uri: str, target_dir: str | None, modes: list[str] | None 
         confinement = _input_root(output)
     elif target_dir:
         target_fs, root = open_fs(target_dir, storage_options)
+        check_folder_target(target_dir, target_fs, root, "txt export")
         if is_local(target_fs):
             os.makedirs(root, exist_ok=True)
         confinement = Confinement(target_fs, root)

@@ -117,3 +117,96 @@ def build_output(root: Path, hostile: bool = True) -> FakeOutput:
 def snapshot(root: Path) -> set[Path]:
     """Every file under `root` (symlinks not followed), to see what an export added."""
     return {Path(directory) / name for directory, _dirs, names in os.walk(root) for name in names}
+
+
+# ------------------------------------------------------------------------- outputs of real inputs, read for real
+@dataclass
+class RealOutput:
+    """An output whose rows the pipeline's own planner and readers made from a real input (no engine)."""
+
+    output: Path
+    input_uri: str
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # every committed row by key
+    images: dict[str, bytes] = field(default_factory=dict)  # ok rows: the bytes the reader gave
+
+
+def _decoded(data: bytes | None) -> tuple[str | None, int | None, int | None]:
+    """(PIL format, width, height) of image bytes, or (None, None, None) when they are no image."""
+    if data is None:
+        return None, None, None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.format, image.width, image.height
+    except (OSError, ValueError, SyntaxError):
+        return None, None, None
+
+
+def _rows_of_shard(shard: Any, config: Any, real: RealOutput) -> list[dict[str, Any]]:
+    from pipeline.io.sources import read_shard
+
+    rows = []
+    for record in read_shard(shard, config)[1]:
+        image_format, width, height = _decoded(record.data)
+        if image_format is None:
+            rows.append(_row(record.key, record.source, shard.id, status="error", member=record.member,
+                             error=record.error or "cannot identify image file"))
+            continue
+        row = _row(record.key, record.source, shard.id, member=record.member)
+        rows.append({**row, "format": image_format, "width": width, "height": height})
+        real.images[record.key] = record.data or b""
+    return rows
+
+
+def build_real_output(output: Path, input_uri: str, input_format: str = "auto", shard_size: int = 4,
+                      commit: int | None = None) -> RealOutput:
+    """Plan `input_uri` and read it with the pipeline's own code, then write the manifest, plan files, part
+    files and markers a run would (captions from the key, as `_row` makes them). Only the first `commit`
+    shards are committed when given (an unfinished run)."""
+    from pipeline.config import InputConfig
+    from pipeline.io.sources import plan_shards
+
+    config = InputConfig(uri=input_uri, format=input_format, shard_size=shard_size)
+    shards = list(plan_shards(config))
+    real = RealOutput(output, input_uri)
+    ledger = Ledger(str(output))
+    ledger.write_manifest({"fingerprint": "fp-test", "created_at": time.time() - 100, "model": {"path": "tiny"},
+                           "modes": [{"name": mode, "max_tokens": 64} for mode in MODES],
+                           "config": {"input": config.model_dump(mode="json", exclude={"storage_options"}),
+                                      "output": {"uri": str(output)}}})
+    ledger.write_plan(shards)
+    for shard in shards[:commit]:
+        rows = _rows_of_shard(shard, config, real)
+        _write_parquet(part_path(str(output), shard.id), rows)
+        ledger.write_marker(Marker.of(shard.id, _marker(rows, time.time())))
+        real.rows.update({row["key"]: row for row in rows})
+    return real
+
+
+def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (32, 24), image_format: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of `(name, data)` members in this order (WebDataset groups consecutive members by key)."""
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def write_image_parquet(path: Path, images: list[tuple[str | None, bytes | None]], row_group_size: int) -> None:
+    """A Parquet file with Hugging Face's `image` struct ({bytes, path}) and a `caption` column."""
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([{"bytes": data, "path": name} for name, data in images], kind),
+                      "caption": [f"alt {index}" for index in range(len(images))]})
+    pq.write_table(table, path, row_group_size=row_group_size)

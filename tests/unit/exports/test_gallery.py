@@ -60,7 +60,7 @@ def test_page_content_is_escaped_and_complete(fake_output: FakeOutput) -> None:
     assert '<p class="error">cannot identify image file &lt;broken.jpg&gt;</p>' in page
     assert "日本/画像.jpg" in page and "with space/é ü.jpg" in page
     assert "uncommitted/zzz.jpg" not in page and "staged/yyy.jpg" not in page
-    assert write_gallery(str(fake_output.output), str(page_path), sample=100, seed=0) and \
+    assert write_gallery(str(fake_output.output), str(page_path), sample=100, seed=0, overwrite=True) and \
         page_path.read_text("utf-8") == page  # same seed, same bytes
 
 
@@ -106,3 +106,17 @@ def test_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     # Each thumbnail is a solid 64 x 48 colour: if the data URIs decoded, the colours are on screen.
     for key, color in COLORS.items():
         assert _pixels_near(image, color) >= 0.8 * 64 * 48, f"{key} thumbnail not visible"
+
+
+def test_cli_gallery_replaces_a_page_only_with_overwrite(fake_output: FakeOutput,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    page = fake_output.root / "g.html"
+    page.write_text("my notes")
+    command = ["gallery", str(fake_output.output), "--to", str(page), "--sample", "2"]
+    assert main(command) == 2
+    assert capsys.readouterr().err == f"error: {page} exists; pass --overwrite to replace it\n"
+    assert page.read_text() == "my notes"
+    assert main([*command, "--overwrite"]) == 0
+    assert page.read_text("utf-8").count('<article class="card"') == 2
+    assert main(["gallery", str(fake_output.output), "--to", str(fake_output.root)]) == 2
+    assert f"--to {fake_output.root} is a folder; gallery writes one file" in capsys.readouterr().err

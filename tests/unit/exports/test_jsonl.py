@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from pipeline.cli import main
 from pipeline.exports.jsonl import export_jsonl
+from pipeline.exports.table import iter_batches
+from pipeline.exports.targets import TargetError
 from pipeline.sink import output_schema
 from tests.unit.exports.fake_output import MODES, FakeOutput
 
@@ -49,3 +54,53 @@ def test_export_jsonl_from_and_to_s3(fake_output: FakeOutput, s3_bucket: str, s3
 def test_cli_refuses_a_missing_output(tmp_path: Path, capsys) -> None:
     assert main(["export", str(tmp_path), "--format", "jsonl", "--to", str(tmp_path / "x.jsonl")]) == 2
     assert "not a pipeline output" in capsys.readouterr().err
+
+
+def test_an_existing_file_is_kept_unless_overwrite(fake_output: FakeOutput, capsys) -> None:
+    target = fake_output.root / "rows.jsonl"
+    target.write_text("someone's file\n")
+    command = ["export", str(fake_output.output), "--format", "jsonl", "--to", str(target)]
+    assert main(command) == 2
+    assert capsys.readouterr().err == f"error: {target} exists; pass --overwrite to replace it\n"
+    assert target.read_text() == "someone's file\n"
+    assert main([*command, "--overwrite"]) == 0
+    _check_lines(target.read_text("utf-8"), fake_output)
+
+
+def test_to_a_folder_is_refused_in_words(fake_output: FakeOutput, capsys) -> None:
+    folder = fake_output.root / "exports"
+    folder.mkdir()
+    assert main(["export", str(fake_output.output), "--format", "jsonl", "--to", str(folder)]) == 2
+    assert capsys.readouterr().err == (f"error: --to {folder} is a folder; jsonl export writes one file, "
+                                       f"e.g. {folder}/captions.jsonl\n")
+    assert list(folder.iterdir()) == []  # no hidden temporary holding the rows
+    new = f"{fake_output.root}/new/"
+    assert main(["export", str(fake_output.output), "--format", "jsonl", "--to", new, "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err and not os.path.exists(new)
+
+
+def test_a_failed_export_writes_nothing(fake_output: FakeOutput, monkeypatch) -> None:
+    from pipeline.exports import jsonl
+
+    def failing(output, columns=None):
+        yield from list(iter_batches(output, columns))[:1]
+        raise OSError("storage went away")
+
+    monkeypatch.setattr(jsonl, "iter_batches", failing)
+    target = fake_output.root / "out" / "rows.jsonl"
+    with pytest.raises(OSError, match="storage went away"):
+        export_jsonl(str(fake_output.output), str(target))
+    assert list(target.parent.iterdir()) == []
+
+
+def test_s3_existing_object_is_kept(fake_output: FakeOutput, s3_bucket: str, s3_fs) -> None:
+    s3_fs.put(str(fake_output.output) + "/", f"{s3_bucket}/out/", recursive=True)
+    s3_fs.pipe_file(f"{s3_bucket}/rows.jsonl", b"old")
+    with pytest.raises(TargetError, match="exists; pass --overwrite"):
+        export_jsonl(f"s3://{s3_bucket}/out", f"s3://{s3_bucket}/rows.jsonl", {})
+    with pytest.raises(TargetError, match="is a folder"):
+        export_jsonl(f"s3://{s3_bucket}/out", f"s3://{s3_bucket}/out", {})
+    assert export_jsonl(f"s3://{s3_bucket}/out", f"s3://{s3_bucket}/rows.jsonl", {}, overwrite=True) == len(
+        fake_output.rows)
+    s3_fs.invalidate_cache()
+    _check_lines(s3_fs.cat_file(f"{s3_bucket}/rows.jsonl").decode("utf-8"), fake_output)

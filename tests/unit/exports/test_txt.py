@@ -176,3 +176,11 @@ def test_export_from_and_to_s3(fake_output: FakeOutput, s3_bucket: str, s3_fs) -
     assert "captions/日本/画像.txt" in keys and "captions/with space/é ü.txt" in keys
     assert all(key.startswith(("out/", "captions/")) for key in keys)
     assert s3_fs.cat_file(f"{s3_bucket}/captions/cat/a.txt").decode().startswith("red, square bright\n")
+
+
+def test_to_a_file_is_refused_in_words(fake_output: FakeOutput, capsys: pytest.CaptureFixture[str]) -> None:
+    target = fake_output.root / "captions.txt"
+    target.write_text("not a folder")
+    assert main(["export", str(fake_output.output), "--format", "txt", "--to", str(target)]) == 2
+    assert capsys.readouterr().err == f"error: --to {target} is a file; txt export writes a folder of files\n"
+    assert target.read_text() == "not a folder"
