@@ -1,7 +1,8 @@
-"""Running on a Ray cluster: a real head and worker node, `ray job submit` through jobs/, and faults."""
+"""Running on a Ray cluster: a real head and worker node, `pipeline submit` to it, and faults."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -41,13 +42,18 @@ def cluster() -> Iterator[str]:
     env = {**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     common = ["--disable-usage-stats", "--num-gpus=0", "--node-ip-address=127.0.0.1"]
+    # Each node's dashboard agent gets a port of its own: on the default (52365) the second agent to start
+    # (under load, often the head's) cannot bind, stays up without its HTTP server, and the job server then
+    # answers "No available agent" forever. Any other local Ray holding 52365 would do the same.
     subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common], env=env, check=True,
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    f"--dashboard-agent-listen-port={_free_port()}", *common], env=env, check=True,
                    capture_output=True, timeout=180)
     try:
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common], env=env,
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                        f"--dashboard-agent-listen-port={_free_port()}", *common], env=env,
                        check=True, capture_output=True, timeout=180)
-        os.environ["RAY_AUTH_MODE"] = "disabled"  # for `ray job submit` through jobs/submit.sh
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # for `pipeline submit`, run with this environment
         address = f"http://127.0.0.1:{dashboard}"
         _wait_for_job_agent(address, env)
         yield address
@@ -72,24 +78,31 @@ def _wait_for_job_agent(address: str, env: dict[str, str], timeout: float = 300)
         time.sleep(2)
 
 
-def test_job_submitted_to_a_two_node_cluster_through_jobs_submit(tmp_path: Path, tiny_model: Path, samples: Path,
-                                                                cluster: str):
+def test_a_config_outside_the_project_is_submitted_to_a_two_node_cluster(tmp_path: Path, tiny_model: Path,
+                                                                         samples: Path, cluster: str):
+    out = tmp_path / "out"
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    out = tmp_path / "out"
-    write_config(job_dir / "run.yaml", tiny_model, str(samples), str(out),
-                 compute={"ray_address": "auto", "batch_size": 8})
+    config = write_config(job_dir / "run.yaml", tiny_model, str(samples), str(tmp_path / "placeholder"),
+                          compute={"ray_address": "auto", "batch_size": 8})
+    assert not config.resolve().is_relative_to(REPO)  # it reaches the cluster only by travelling with the job
     started = time.monotonic()
-    submitted = subprocess.run(["bash", str(REPO / "jobs" / "submit.sh"), "--address", cluster, "--working-dir",
-                                str(job_dir), "--python", sys.executable, "run.yaml"], cwd=REPO,
-                               capture_output=True, text=True, timeout=900, env={**os.environ, "RAY": RAY})
+    # --output is applied here, into the config that travels; the job reads nothing from this folder.
+    submitted = run_cli("submit", str(config), "--address", cluster, "--submission-id", "cluster-test",
+                        "--output", str(out), timeout=900)
     assert submitted.returncode == 0, (submitted.stdout[-3000:], submitted.stderr[-3000:])
-    assert "ray job logs" in submitted.stdout and "succeeded" in submitted.stdout.lower()
+    assert "job cluster-test succeeded" in submitted.stderr
+    assert f"pipeline jobs stop cluster-test --address {cluster}" in submitted.stderr
     table = pd.read_parquet(out / "data")
     assert sorted(table.key) == sorted(relative for relative, _ in SAMPLES.values())
     assert (table.status == "ok").all() and table.tags.str.len().gt(0).all()
-    assert "shards" in submitted.stdout  # progress lines reach the job's logs
+    assert not (tmp_path / "placeholder").exists()
+    assert "shards" in submitted.stdout  # the job's progress lines, followed from here
     assert time.monotonic() - started < 900
+    status = run_cli("jobs", "status", "cluster-test", "--address", cluster, "--json", timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]
+    report = json.loads(status.stdout)
+    assert (report["status"], report["exit_code"], report["output"]) == ("SUCCEEDED", 0, str(out.resolve()))
 
 
 def _caption_actor_processes() -> list[psutil.Process]:
