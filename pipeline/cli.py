@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, RunConfig, load_config
+
+if TYPE_CHECKING:
+    from pipeline.console import Console
+    from pipeline.progress import Progress
+
+# Modules with an `add_commands(subparsers)` of their own: `plan`, `submit` and `jobs`.
+COMMAND_MODULES: tuple[str, ...] = ("pipeline.preflight", "pipeline.submit")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -16,11 +28,25 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+class RunInterruptedError(BaseException):
+    """SIGINT or SIGTERM during a run (a BaseException, like KeyboardInterrupt, so no `except Exception`
+    on the way up swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    # One stop is enough: a second Ctrl-C while Ray winds down must not print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise RunInterruptedError(signum)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.io.sources import SourceError
-    from pipeline.lease import LeaseHeldError
-    from pipeline.ledger import FingerprintMismatchError, ForeignOutputError
-    from pipeline.run import UnhealthyOutputError, execute, format_summary, validate_before_start
+    from pipeline.run import validate_before_start
 
     try:
         config = load_config(args.config, args.set, input_uri=args.input, output_uri=args.output)
@@ -28,34 +54,104 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, SourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from pipeline.console import Console, default_log_path
+
+    log_path = Path(args.log_file) if args.log_file else default_log_path(config.output.uri)
+    console = Console(None if args.verbose else log_path, verbose=args.verbose, line_every_s=args.progress_every)
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with console:
+            if not args.verbose:
+                console.say(f"log: {log_path}")
+            return _run_with_console(config, args, console)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Console) -> int:
+    from pipeline.console import ProgressDisplay
+    from pipeline.lease import LeaseHeldError
+    from pipeline.ledger import FingerprintMismatchError, ForeignOutputError
+    from pipeline.run import UnhealthyOutputError, execute, format_summary
+
+    shown: list[Progress] = []
+
+    def display(progress: Progress) -> ProgressDisplay:
+        shown.append(progress)
+        return ProgressDisplay(console, progress)
+
+    console.say(f"captioning {config.input.uri} -> {config.output.uri} with {len(config.modes)} modes "
+                f"({', '.join(mode.name for mode in config.modes)})")
     try:
         summary = execute(config, overwrite=args.overwrite, retry_errors=args.retry_errors,
-                          allow_existing=args.allow_existing, on_wait=_say_waiting())
-    except ForeignOutputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FingerprintMismatchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except LeaseHeldError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 4
+                          allow_existing=args.allow_existing, on_wait=_say_waiting(console), display=display)
+    except RunInterruptedError as err:
+        done = shown[0].committed_images if shown else 0
+        console.say(f"interrupted ({err}) after {done:,} images committed this run; nothing is lost: run the same "
+                    "command to resume")
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        console.say("interrupted; run the same command to resume")
+        return 130
+    except (ForeignOutputError, FingerprintMismatchError, LeaseHeldError) as err:
+        console.say(f"error: {err}")
+        return {ForeignOutputError: 2, FingerprintMismatchError: 3, LeaseHeldError: 4}[type(err)]
     except UnhealthyOutputError as err:
-        print(json.dumps(err.summary) if args.json else format_summary(err.summary))
-        print(f"error: {err}", file=sys.stderr)
+        console.result(json.dumps(err.summary) if args.json else format_summary(err.summary))
+        console.say(f"error: {err}")
         return 5
-    except Exception as err:  # a failed run: say why in one line after Ray's traceback
-        logging.getLogger("pipeline").exception("run failed")
-        message = _root_message(err)
-        if "TransientStorageError" in message:
-            message += " (committed shards are kept: run the same command again once storage recovers)"
-        print(f"error: run failed: {message}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary) if args.json else format_summary(summary))
+    except Exception as err:  # one line for people; the traceback is in the log (and on screen with -v)
+        # The traceback: in the log, and on the console only with -v (pipeline.trace never reaches it).
+        logging.getLogger("pipeline.run" if args.verbose else "pipeline.trace").error("run failed", exc_info=True)
+        code, message = explain_failure(err, config.output.uri)
+        console.say(f"error: {message}" + ("" if args.verbose else f" (details: {console.log_path})"))
+        return code
+    console.result(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
 
-def _say_waiting():  # -> Callable[[LeaseInfo, float], None]
+# errno values that mean the output path, not the pipeline, is the problem.
+PATH_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.EROFS: "read-only file system", errno.ENOTDIR: "a path component is not a folder",
+               errno.EEXIST: "a file is in the way", errno.EISDIR: "a folder is in the way"}
+CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                     "ExpiredToken", "AccessDenied", "InvalidToken")
+
+
+def explain_failure(err: BaseException, output_uri: str) -> tuple[int, str]:
+    """(exit code, one line) for a failed run: 2 when the user's paths, disk or credentials are the cause
+    (named), else 1 with the most telling message of the chain."""
+    chain = _chain(err)
+    for item in chain:
+        if isinstance(item, OSError) and item.errno in PATH_ERRNOS:
+            where = item.filename or output_uri
+            hint = "; committed shards are kept: free space and run the same command to resume" \
+                if item.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            return 2, f"{PATH_ERRNOS[item.errno]}: {where}{hint}"
+    for item in chain:
+        text = f"{type(item).__name__}: {item}"
+        if any(name in text for name in CREDENTIAL_ERRORS):
+            return 2, f"storage refused the credentials for {output_uri}: {text.splitlines()[0]}"
+    message = _root_message(err)
+    if "TransientStorageError" in message:
+        message += " (committed shards are kept: run the same command again once storage recovers)"
+    if any("No space left on device" in str(item) for item in chain):  # an OSError Ray passed on as text
+        return 2, f"{PATH_ERRNOS[errno.ENOSPC]}: {output_uri}; committed shards are kept: free space and run the " \
+                  "same command to resume"
+    return 1, f"run failed: {message}"
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    chain, current = [], err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _say_waiting(console: Console):  # -> Callable[[LeaseInfo, float], None]
     """Tell the user, once every 10 s, that the run waits for a silent holder's lease to expire."""
     import time
 
@@ -64,8 +160,8 @@ def _say_waiting():  # -> Callable[[LeaseInfo, float], None]
     def say(info, seconds_left: float) -> None:  # (LeaseInfo, float)
         if time.monotonic() - said[0] >= 10:
             said[0] = time.monotonic()
-            print(f"waiting {seconds_left:.0f} s for the lease of the silent run on {info.host} (pid {info.pid}) "
-                  "to expire", file=sys.stderr)
+            console.say(f"waiting {seconds_left:.0f} s for the lease of the silent run on {info.host} "
+                        f"(pid {info.pid}) to expire")
 
     return say
 
@@ -83,38 +179,37 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from pipeline.exports.command import export_command
+    from pipeline.exports.pending import pending_note
+    from pipeline.io.fs import TransientStorageError
 
-    from pipeline.exports.jsonl import export_jsonl
-    from pipeline.exports.txt import export_txt
-
-    modes = [name.strip() for name in args.modes.split(",") if name.strip()] if args.modes else None
     try:
-        if args.format == "jsonl":
-            if not args.to or args.beside_images or modes:
-                raise ValueError("jsonl export takes --to FILE and no --modes or --beside-images")
-            print(f"{export_jsonl(args.output, args.to)} rows written to {args.to}")
-            return 0
-        if bool(args.to) == args.beside_images:
-            raise ValueError("txt export takes either --to FOLDER or --beside-images")
-        counts = export_txt(args.output, args.to, modes, beside_images=args.beside_images,
-                            overwrite=args.overwrite)
-    except (FileNotFoundError, ValueError) as err:
+        note = pending_note(args.output)  # before the export: what it holds is at least this much
+        print(export_command(args))
+    except (OSError, ValueError) as err:  # a missing output, a refused --to, an unreadable or unwritable path
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(", ".join(f"{value} {name.replace('_', ' ')}" for name, value in asdict(counts).items()))
+    except TransientStorageError as err:
+        print(f"error: {err} (run the export again once storage recovers)", file=sys.stderr)
+        return 1
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
     from pipeline.exports.gallery import write_gallery
+    from pipeline.exports.pending import pending_note
 
     try:
-        shown = write_gallery(args.output, args.to, sample=args.sample, seed=args.seed)
-    except (FileNotFoundError, ValueError) as err:
+        note = pending_note(args.output, holder="this gallery samples")
+        shown = write_gallery(args.output, args.to, sample=args.sample, seed=args.seed, overwrite=args.overwrite)
+    except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{shown} rows in {args.to}")
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -185,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-errors", action="store_true",
                      help="also re-caption the error rows of committed shards (e.g. after fixing files)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--log-file", help="where Ray's, vLLM's and the pipeline's full log goes (default: a new file "
+                                        "under $PIPELINE_LOG_DIR or ~/.local/state/joycaption-pipeline/logs)")
+    run.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                     help="when the console is not a terminal, a progress line every SECONDS (default 30)")
     run.set_defaults(func=cmd_run)
 
     status = commands.add_parser("status", help="progress, counts, glitch rates and ETA of an output")
@@ -192,14 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     status.set_defaults(func=cmd_status)
 
-    export = commands.add_parser("export", help="write committed captions as sidecar .txt files or JSONL")
+    export = commands.add_parser("export", help="write committed captions as sidecar .txt files, JSONL, or a "
+                                                "Hugging Face imagefolder")
     export.add_argument("output", help="output folder or s3:// prefix of a run")
-    export.add_argument("--format", choices=("txt", "jsonl"), required=True)
-    export.add_argument("--to", help="txt: target folder; jsonl: target file (.gz/.zst compress)")
-    export.add_argument("--modes", help="txt: comma-separated modes, one line each (default: all, run order)")
+    export.add_argument("--format", choices=("txt", "jsonl", "imagefolder"), required=True)
+    export.add_argument("--to", help="txt: target folder; jsonl: target file (.gz/.zst compress); imagefolder: a "
+                                     "local folder, new or empty")
+    export.add_argument("--modes", help="txt, imagefolder: comma-separated modes (default: all, run order)")
     export.add_argument("--beside-images", action="store_true",
                         help="txt: write each .txt next to its image (local folder inputs only)")
-    export.add_argument("--overwrite", action="store_true", help="txt: replace existing .txt files")
+    export.add_argument("--link", action="store_true",
+                        help="imagefolder: hard-link the images (symlink across file systems) instead of copying "
+                             "them (local folder inputs only)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="txt: replace existing .txt files; jsonl: replace the file; imagefolder: replace an "
+                             "earlier imagefolder export")
     export.set_defaults(func=cmd_export)
 
     gallery = commands.add_parser("gallery", help="write a static HTML page reviewing a sample of captions")
@@ -207,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--to", required=True, help="the HTML page to write")
     gallery.add_argument("--sample", type=int, default=48, help="rows to show (default 48)")
     gallery.add_argument("--seed", type=int, default=0, help="which sample (same seed, same rows)")
+    gallery.add_argument("--overwrite", action="store_true", help="replace the page if it exists")
     gallery.set_defaults(func=cmd_gallery)
 
     prompts = commands.add_parser("prompts", help="list caption types, lengths and extra options, or show a "
@@ -229,10 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     samples = commands.add_parser("samples", help="write the bundled sample photographs")
     samples.add_argument("dir")
     samples.set_defaults(func=cmd_samples)
+
+    # Commands that live in a module of their own register themselves (each imports its heavy parts lazily).
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    if args.func is not cmd_run:  # a run sets up its own console and log file
+        _setup_logging(args.verbose)
     return int(args.func(args))

@@ -14,6 +14,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def run_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Runs' log files go to the test session's folder, not the user's ~/.local/state."""
+    folder = tmp_path_factory.mktemp("run-logs")
+    os.environ["PIPELINE_LOG_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.testing.tiny_model import build_tiny_model

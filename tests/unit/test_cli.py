@@ -68,3 +68,46 @@ def test_a_storage_failure_is_named_under_ray_datas_empty_wrappers():
             raise ValueError("the real reason") from marker
     except ValueError as plain:
         assert _root_message(plain) == "ValueError: the real reason"
+
+
+def _wrapped(inner: BaseException) -> RuntimeError:
+    """`inner` as a run sees it: raised in a Ray task and wrapped on the way to the driver."""
+    try:
+        try:
+            raise inner
+        except BaseException as cause:
+            raise RuntimeError("ray::MapBatches(write_stage)() failed") from cause
+    except RuntimeError as outer:
+        return outer
+
+
+def test_a_full_disk_or_unwritable_output_is_exit_2_naming_the_path():
+    from pipeline.cli import explain_failure
+
+    full = OSError(28, "No space left on device")
+    code, line = explain_failure(_wrapped(full), "/data/out")
+    assert code == 2 and line.startswith("no space left on device: /data/out") and "resume" in line
+    denied = PermissionError(13, "Permission denied", "/data/out/_lease.json")
+    assert explain_failure(_wrapped(denied), "/data/out") == (2, "permission denied: /data/out/_lease.json")
+    text_only = RuntimeError("ray::write_stage\nOSError: [Errno 28] No space left on device")
+    assert explain_failure(text_only, "s3://b/out")[0] == 2
+
+
+def test_refused_credentials_are_exit_2_and_other_failures_exit_1():
+    from pipeline.cli import explain_failure
+
+    class NoCredentialsError(Exception):  # botocore's, by name: the chain is matched by type name
+        pass
+
+    code, line = explain_failure(_wrapped(NoCredentialsError("Unable to locate credentials")), "s3://b/out")
+    assert code == 2 and line.startswith("storage refused the credentials for s3://b/out")
+    assert explain_failure(_wrapped(ValueError("boom")), "/o") == (1, "run failed: ValueError: boom")
+
+
+def test_bad_config_fails_in_one_line_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    config = tmp_path / "run.yaml"
+    config.write_text("input: {uri: /nowhere}\noutput: {uri: /tmp/o}\nmodel: {path: m}\nmodes: dual\n"
+                      "compute: {batch_sise: 3}\n")
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "compute.batch_sise: unknown key" in err and "Traceback" not in err
