@@ -230,7 +230,8 @@ def _root_message(err: BaseException) -> str:
     for marker, from_marker in TELLING_LINES:
         for text in texts:
             for line in text.splitlines():
-                if marker in line:
+                # Ray's wrapped tracebacks quote source lines too: `raise EngineStartError(f"engine failed...`.
+                if marker in line and not line.lstrip().startswith("raise "):
                     line = line.strip()
                     return line[line.find(marker):] if from_marker else line
     meaningful = [text for text in texts if text.split(": ", 1)[1].strip()]

@@ -258,8 +258,10 @@ class CaptionActor:
             self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
         except Exception as err:
             # Fail the run now, with the engine's own message, rather than retrying a broken model.
+            # One line: the console shows this line alone (vLLM's config errors span several).
+            reason = " ".join(str(err).split())[:300]
             raise EngineStartError(f"engine failed to start for model {self.config.model.path!r}: "
-                                   f"{type(err).__name__}: {err}") from err
+                                   f"{type(err).__name__}: {reason}") from err
         # Ray Data deletes the actor's UDF on a graceful exit, but not when the worker is killed; at
         # interpreter exit the engine is stopped explicitly either way.
         atexit.register(self.shutdown)

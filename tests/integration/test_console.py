@@ -23,11 +23,12 @@ def _keys(out: Path) -> list[str]:
     return sorted(pads.dataset(out / "data", format="parquet").to_table(columns=["key"]).column("key").to_pylist())
 
 
-def test_the_console_is_short_shows_progress_before_the_end_and_names_its_log(tmp_path: Path, tiny_model: Path,
-                                                                              samples: Path):
+def test_the_demos_console_is_short_shows_progress_before_the_end_and_names_its_log(tmp_path: Path,
+                                                                                    tiny_model: Path, samples: Path):
     out, log = tmp_path / "out", tmp_path / "run.log"
-    config = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(out), compute={"batch_size": 2})
-    result = run_cli("run", str(config), "--log-file", str(log), "--progress-every", "2")
+    # The demo's own config (`make demo`), on this session's model and samples.
+    result = run_cli("run", str(REPO / "configs" / "demo.yaml"), "--input", str(samples), "--output", str(out),
+                     "--set", f"model.path={tiny_model}", "--log-file", str(log), "--progress-every", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     console = (result.stderr + result.stdout).splitlines()
     assert len(console) < 30, "\n".join(console)

@@ -111,3 +111,11 @@ def test_bad_config_fails_in_one_line_before_anything_starts(tmp_path: Path, cap
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert "compute.batch_sise: unknown key" in err and "Traceback" not in err
+
+
+def test_a_quoted_source_line_is_not_taken_for_the_error():
+    text = ("ray::MapWorker.__init__()\n  File \"engine.py\", line 9\n"
+            "    raise EngineStartError(f\"engine failed to start for model {path!r}: \"\n"
+            "pipeline.engine.EngineStartError: engine failed to start for model '/m/broken': ValidationError: x")
+    assert _root_message(RuntimeError(text)) == ("pipeline.engine.EngineStartError: engine failed to start for model "
+                                                 "'/m/broken': ValidationError: x")
