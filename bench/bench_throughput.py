@@ -174,6 +174,7 @@ def pipeline_run(tree: dict[str, Any], workdir: Path, images: Path) -> dict[str,
     """
     import yaml
 
+    workdir.mkdir(parents=True, exist_ok=True)
     tree = {**tree, "input": {**tree["input"], "uri": str(images)}, "output": {"uri": str(workdir / "out")}}
     config_path = workdir / "run.yaml"
     config_path.write_text(yaml.safe_dump(tree))
