@@ -151,6 +151,6 @@ def prepare_output(ledger: Ledger, config: RunConfig, manifest: dict[str, Any], 
     committed = ledger.committed_ids()
     ledger.remove_uncommitted_parts(committed)  # a kill between part file and marker
     pending = [shard for shard in ledger.planned_ids() if shard not in committed]
-    log.info("%s: %d shards planned, %d committed, %d to do, %d to re-caption error rows of",
+    log.info("%s: %d shards planned, %d committed, %d to do, %d committed with error rows to redo",
              "resuming" if resuming else "new run", plan["shards"], len(committed), len(pending), len(retry))
     return WorkList(pending, retry, plan)
