@@ -222,11 +222,7 @@ def _root_message(err: BaseException) -> str:
     """The most telling message of a chain of wrapped errors: a known cause when one is named anywhere in
     it, else the innermost non-empty one (Ray Data chains an empty SystemException or UserCodeException
     under the real error)."""
-    texts = []
-    current: BaseException | None = err
-    while current is not None:
-        texts.append(f"{type(current).__name__}: {current}")
-        current = current.__cause__ or current.__context__
+    texts = [f"{type(item).__name__}: {item}" for item in _chain(err)]
     for marker, from_marker in TELLING_LINES:
         for text in texts:
             for line in text.splitlines():
