@@ -21,11 +21,25 @@ from pipeline import prompts
 from pipeline.cleanup import TAG_CAPTION_TYPES
 from pipeline.io.uris import canonical_uri
 from pipeline.modes import expand_presets, resolve_modes  # modes.py imports config for type hints only: no cycle
+from pipeline.sink import MODE_SUFFIXES, read_schema
 
 MODE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-# Columns every row has; mode names must not shadow them or their per-mode suffixes.
-BASE_COLUMNS = frozenset({"key", "source", "member", "shard", "width", "height", "format", "status",
-                          "error", "meta"})
+# Columns a row has before its captions (the output's base columns, and the shard size and pixels it carries
+# while in flight); a mode's columns (its name with each of sink.MODE_SUFFIXES) must not shadow them.
+BASE_COLUMNS = frozenset(read_schema().names)
+
+
+def _check_mode_columns(names: list[str]) -> None:
+    """Refuse modes whose columns collide: `tags` and `tags_raw` would both write a `tags_raw` column, and
+    a mode `shard` or `key_seed` would shadow or be shadowed by another column."""
+    owner: dict[str, str] = {column: "a base column" for column in BASE_COLUMNS}
+    for name in names:
+        for suffix in MODE_SUFFIXES:
+            column = name + suffix
+            if column in owner:
+                raise ValueError(f"mode {name!r} would write column {column!r}, which is already {owner[column]}: "
+                                 "rename the mode")
+            owner[column] = f"a column of mode {name!r}"
 
 
 class ConfigError(ValueError):
@@ -257,6 +271,7 @@ class RunConfig(Strict):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"mode names must be unique, repeated: {duplicates}")
+        _check_mode_columns(names)
         return modes
 
     def fingerprint(self) -> str:

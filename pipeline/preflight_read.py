@@ -31,7 +31,7 @@ from pipeline.images import IMAGE_EXTENSIONS, prepare_image
 from pipeline.io import walk
 from pipeline.io.fs import open_fs, retrying
 from pipeline.io.listing import relative_path
-from pipeline.io.plan import _in_order  # the planner's own bounded, ordered thread pool
+from pipeline.io.plan import map_in_order  # the planner's own bounded, ordered thread pool
 from pipeline.io.shards import Shard, extension
 from pipeline.io.sources import plan_shards, read_shard
 from pipeline.planning import unit_hash
@@ -205,7 +205,7 @@ def read_tally(shard: Shard, config: RunConfig) -> Tally:
 def read_everything(shards: Iterator[Shard], config: RunConfig, ticker: Ticker) -> Tally:
     """Every shard read while the listing goes on, READ_WORKERS at a time, at most twice that many held."""
     tally = Tally()
-    for _shard, part in _in_order(lambda shard: read_tally(shard, config), shards, READ_WORKERS):
+    for _shard, part in map_in_order(lambda shard: read_tally(shard, config), shards, READ_WORKERS):
         tally.merge(part)
         ticker.tick(f"read {tally.rows:,} images, {tally.broken:,} broken")
     return tally

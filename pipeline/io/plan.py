@@ -79,7 +79,7 @@ def _kept(units: Iterable[str], skip: Callable[[str], bool] | None) -> Iterator[
     return iter(units) if skip is None else (unit for unit in units if not skip(unit))
 
 
-def _in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
+def map_in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
     """(item, fn(item)) in the items' order, `workers` at a time, at most 2 x workers results held."""
     with ThreadPoolExecutor(workers, thread_name_prefix="plan") as pool:
         window: deque[tuple[T, Future[R]]] = deque()
@@ -119,7 +119,7 @@ def _parquet_shards(config: InputConfig, units: Iterator[str], ids: Iterator[int
     def footer(relative: str) -> list[int] | None:
         return footer_rows(fs, root if relative == "" else f"{root}/{relative}", config.image_column)
 
-    for relative, rows in _in_order(footer, units, FOOTER_WORKERS):
+    for relative, rows in map_in_order(footer, units, FOOTER_WORKERS):
         for row_groups, first_row, size in row_group_ranges(rows, config.shard_size):
             yield Shard(f"{next(ids):06d}", "parquet", _container_uri(config, relative), [], size, relative,
                         row_groups, first_row)

@@ -95,3 +95,16 @@ def test_cli_flags_override_input_and_output(tmp_path: Path):
     path.write_text(yaml.safe_dump(base()))
     config = load_config(path, input_uri="s3://bucket/images", output_uri="/data/out dir")
     assert config.input.uri == "s3://bucket/images" and config.output.uri == "/data/out dir"
+
+
+@pytest.mark.parametrize("names, says", [
+    (["tags", "tags_raw"], "mode 'tags_raw' would write column 'tags_raw', which is already a column of mode 'tags'"),
+    (["x_prompt", "x"], "mode 'x' would write column 'x_prompt', which is already a column of mode 'x_prompt'"),
+    (["shard"], "not one of"),
+    (["pixels"], "not one of"),
+])
+def test_modes_whose_columns_collide_are_refused_naming_both(names: list[str], says: str):
+    modes = [{"name": name, "type": "booru_like", "length": 50} for name in names]
+    with pytest.raises(ConfigError, match="modes") as caught:
+        build_config(base(modes=modes))
+    assert says in str(caught.value)
