@@ -1,16 +1,19 @@
-"""Shard commits: on the driver's thread, or as Ray tasks off it.
+"""Shard commits, concurrent and off the driver's loop: on a bounded pool of commit threads, or as Ray tasks.
 
-The driver keeps books: which keys of which shard have come back from the write stage. Once all of a
-shard's keys have, it commits the shard, or hands it to a commit task (a Ray task, `compute.commit_tasks`
-of them in flight at most), which merges the shard's fragments, checks them against the keys the read task
-recorded, writes the part file and then the marker, and clears the shard's staging. A commit whose
-fragments are not exactly the shard's keys writes nothing: its staging is cleared and the shard goes
-back to be redone. With `compute.commit_tasks: 0` (the default) the same function runs on the driver's
-thread, which measured faster on a small node (bench/bench_machinery.py compares the two).
+The driver's loop keeps books only: which keys of which shard have come back from the write stage. Once
+all of a shard's keys have, it hands the shard to a commit (`compute.commit_threads` threads in the
+driver by default, or `compute.commit_tasks` Ray tasks), which merges the shard's fragments, checks them
+against the keys the read task recorded, writes the part file and then the marker, and clears the
+shard's staging. A commit whose fragments are not exactly the shard's keys writes nothing: its staging is
+cleared and the shard goes back to be redone. Results are taken back on the loop's thread, so the books,
+the progress and the list of markers are only ever touched there. Shards commit independently, and a
+shard is handed to a commit once per pass, so two commits never race on one shard.
+bench/bench_machinery.py compares the three ways (loop, threads, tasks).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -55,10 +58,17 @@ class CommitResult:
     shard: str
     marker: Marker | None
     refused: str | None = None  # why the fragments were not the shard's keys
+    cpu_s: float = 0.0  # CPU the commit's own thread spent (merge, encode, write)
 
 
 def commit_shard(request: CommitRequest) -> CommitResult:
     """Merge, check, write the part file, then the marker. Safe to run twice (a retried task)."""
+    mark = time.thread_time()
+    result = _commit(request)
+    return CommitResult(result.shard, result.marker, result.refused, time.thread_time() - mark)
+
+
+def _commit(request: CommitRequest) -> CommitResult:
     ledger = Ledger(request.output_uri, request.storage_options)
     if not request.keep_committed:
         done = ledger.marker(request.shard)  # a first attempt of this task got that far already
@@ -82,7 +92,7 @@ def commit_shard(request: CommitRequest) -> CommitResult:
 
 @dataclass
 class Committer:
-    """The driver's books: keys arrived per shard; complete shards handed to commit tasks.
+    """The driver's books: keys arrived per shard; complete shards handed to commits running concurrently.
 
     A shard's size is learnt from its last row (the read task knows it only at the end of the shard)."""
 
@@ -95,15 +105,23 @@ class Committer:
     sizes: dict[str, int] = field(default_factory=dict)
     committed: list[Marker] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # shard -> why its commit did not verify
-    in_flight: dict[Any, str] = field(default_factory=dict)  # commit task -> shard
+    in_flight: dict[Any, str] = field(default_factory=dict)  # commit (thread future or Ray ref) -> shard
+    handed: set[str] = field(default_factory=set)  # shards handed to a commit this pass
+    commit_cpu_s: float = 0.0  # CPU the commits spent, wherever they ran
 
     def __post_init__(self) -> None:
         self.mode_names = [mode.name for mode in self.config.modes]
         self.metadata = run_metadata(self.config)
-        self.limit = self.config.compute.commit_tasks
+        self.tasks = self.config.compute.commit_tasks
+        self.threads = 0 if self.tasks else self.config.compute.commit_threads
+        self.limit = self.tasks or self.threads
         self._task: Any = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def add(self, shard: str, shard_size: int | None, keys: list[str]) -> None:
+        if shard in self.handed:  # a repeated report of a shard already handed over (a retried task)
+            log.debug("shard %s: %d keys reported again after its commit started; ignored", shard, len(keys))
+            return
         seen = self.arrived.setdefault(shard, set())
         before = len(seen)
         seen.update(keys)
@@ -113,12 +131,13 @@ class Committer:
         if shard in self.sizes and len(seen) >= self.sizes[shard]:
             del self.arrived[shard], self.sizes[shard]
             self._submit(shard)
-        elif self.in_flight:
+        if self.in_flight:
             self.collect(block=False)
 
     def _submit(self, shard: str) -> None:
         if self.lease is not None:
             self.lease.check()  # never start a commit beside a run that took the output over
+        self.handed.add(shard)
         request = CommitRequest(shard, self.config.output.uri, self.config.output.storage_options, self.mode_names,
                                 self.metadata, shard in self.retrying, time.time())
         if self.limit == 0:
@@ -126,7 +145,10 @@ class Committer:
             return
         while len(self.in_flight) >= self.limit:
             self.collect(block=True)
-        self.in_flight[self._remote().remote(request)] = shard
+        if self.tasks:
+            self.in_flight[self._remote().remote(request)] = shard
+        else:
+            self.in_flight[self._threads().submit(commit_shard, request)] = shard
 
     def _remote(self) -> Any:
         if self._task is None:
@@ -137,23 +159,50 @@ class Committer:
             self._task = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
         return self._task
 
+    def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="commit")
+        return self._pool
+
     def collect(self, block: bool) -> None:
-        """Take the results of commit tasks that have finished (with `block`, wait for at least one)."""
+        """Take the results of commits that have finished (with `block`, wait for at least one). A commit
+        that raised raises here, on the loop's thread, and ends the run as it would inline."""
         if not self.in_flight:
             return
-        import ray
+        for handle in self._finished(list(self.in_flight), block):
+            del self.in_flight[handle]
+            self._done(self._result(handle))
 
-        refs = list(self.in_flight)
-        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
-        for ref in ready:
-            del self.in_flight[ref]
-            self._done(ray.get(ref))
+    def _finished(self, handles: list[Any], block: bool) -> list[Any]:
+        if self.tasks:
+            import ray
+
+            ready, _ = ray.wait(handles, num_returns=1 if block else len(handles), timeout=None if block else 0)
+            return list(ready)
+        if block:
+            done, _ = concurrent.futures.wait(handles, return_when=concurrent.futures.FIRST_COMPLETED)
+            return [handle for handle in handles if handle in done]  # in the order they were handed over
+        return [handle for handle in handles if handle.done()]
+
+    def _result(self, handle: Any) -> CommitResult:
+        if self.tasks:
+            import ray
+
+            return ray.get(handle)
+        return handle.result()
 
     def drain(self) -> None:
         while self.in_flight:
             self.collect(block=True)
 
+    def close(self) -> None:
+        """Wait for the commits in flight and stop the commit threads (every exit path of a run)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def _done(self, result: CommitResult) -> None:
+        self.commit_cpu_s += result.cpu_s
         if result.marker is None:
             log.warning("%s; not committed, it will be redone", result.refused)
             self.refused[result.shard] = result.refused or "refused"
@@ -168,5 +217,6 @@ class Committer:
         shards = sorted({*self.refused, *self.arrived})
         for shard in self.arrived:
             self.ledger.clear_staging(shard)
+        self.handed.difference_update(shards)
         self.refused, self.arrived, self.sizes = {}, {}, {}
         return shards

@@ -242,9 +242,13 @@ class ComputeConfig(Strict):
                                  "wait ends the actor, and Ray replaces it.")
     device_wait_s: float = Field(120.0, ge=0, description="GPU engines: how long a new actor waits for its GPU's "
                                                          "memory to be freed by the engine it replaces.")
-    commit_tasks: int = Field(0, ge=0, le=1024, description="Shard commits in flight at once as Ray tasks off the "
-                                                           "driver (each a Ray worker process); 0 commits on the "
-                                                           "driver's own thread (faster on a small node).")
+    commit_threads: int = Field(4, ge=0, le=64, description="Shard commits in flight at once on the driver's "
+                                                           "commit threads (merge, part file, marker: mostly I/O, so "
+                                                           "storage latencies overlap); 0 commits on the driver's "
+                                                           "loop itself.")
+    commit_tasks: int = Field(0, ge=0, le=1024, description="When above 0, shard commits run as Ray tasks instead, "
+                                                           "this many in flight (each a Ray worker process): the "
+                                                           "commit's CPU leaves the driver's node.")
 
 
 class RunConfig(Strict):

@@ -130,7 +130,10 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
                             images_known=work.plan.get("images_known", 0), mode_names=[m.name for m in config.modes])
         committer = Committer(config, ledger, progress, lease, retrying=set(work.retry))
         items, loop_cpu_s = work.items(), 0.0
-        with display(progress) if display and items else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            stack.callback(committer.close)  # commits in flight finish (or are cancelled) on every exit path
+            if display and items:
+                stack.enter_context(display(progress))
             for attempt in range(1, MAX_PASSES + 1):
                 if not items:
                     break
@@ -197,7 +200,12 @@ def summarise(ledger: Ledger, config: RunConfig, seconds: float, committer: Comm
         "commits": {"per_s": round(len(now) / seconds, 3) if seconds > 0 else None,
                     "latency_p50_s": _quantile(latencies, 0.5), "latency_p99_s": _quantile(latencies, 0.99),
                     "driver_loop_cpu_ms_per_1000_images": round(1e6 * loop_cpu_s / images_now, 2)
-                    if images_now else None},
+                    if images_now else None,
+                    "commit_cpu_ms_per_1000_images": round(1e6 * committer.commit_cpu_s / images_now, 2)
+                    if images_now else None,
+                    "where": (f"{config.compute.commit_tasks} Ray tasks" if config.compute.commit_tasks else
+                              f"{config.compute.commit_threads} driver threads" if config.compute.commit_threads
+                              else "the driver's loop")},
     }
 
 
@@ -241,8 +249,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                                                for reason, count in list(summary["error_reasons"].items())[:5]))
     commits = summary.get("commits") or {}
     if commits.get("latency_p50_s") is not None:
+        where = f", on {commits['where']}" if commits.get("where") else ""
         lines.append(f"commits     {commits['per_s']:.2f} shards/s, latency p50 {commits['latency_p50_s']:.3f} s, "
-                     f"p99 {commits['latency_p99_s']:.3f} s")
+                     f"p99 {commits['latency_p99_s']:.3f} s{where}")
     return "\n".join(lines)
 
 

@@ -13,10 +13,10 @@ from pipeline.progress import Progress
 from pipeline.sink import in_flight_schema, part_path, to_table, write_expected, write_fragments
 
 
-def _committer(out: Path) -> Committer:
+def _committer(out: Path, threads: int = 0) -> Committer:
     config = build_config({"input": {"uri": str(out.parent / "in")}, "output": {"uri": str(out)},
                            "model": {"path": "m"}, "modes": [{"name": "tags", "type": "booru_like"}],
-                           "compute": {"commit_tasks": 0}})
+                           "compute": {"commit_tasks": 0, "commit_threads": threads}})
     progress = Progress(total_shards=2, done_shards=0, images_known=4, mode_names=["tags"], interval=3600)
     return Committer(config, Ledger(str(out)), progress)
 
@@ -76,6 +76,56 @@ def test_commit_shard_is_safe_to_run_twice(tmp_path: Path):
     request = CommitRequest("000002", str(out), {}, ["tags"], {"fingerprint": "f"}, False, 0.0)
     again = commit_shard(request)  # staging is gone: a retried task finds the marker and stops there
     assert again.marker == first and again.refused is None
+
+
+def test_commit_threads_commit_many_shards_at_once_and_a_repeated_report_is_ignored(tmp_path: Path, monkeypatch):
+    import threading
+
+    out = tmp_path / "out"
+    committer = _committer(out, threads=4)
+    shards = [f"{index:06d}" for index in range(12)]
+    for shard in shards:
+        write_expected(str(out), {}, shard, [f"{shard}-a", f"{shard}-b"])
+    seen_threads: set[str] = set()
+    original = Ledger.write_marker
+
+    def write_marker(ledger: Ledger, marker) -> None:  # records which thread committed, then commits
+        seen_threads.add(threading.current_thread().name)
+        original(ledger, marker)
+
+    monkeypatch.setattr(Ledger, "write_marker", write_marker)
+    try:
+        for shard in shards:
+            _arrive(committer, out, shard, [f"{shard}-a", f"{shard}-b"], 2)
+        _arrive(committer, out, shards[0], [f"{shards[0]}-a"], 2)  # a retried task's report, after the commit
+        committer.drain()
+    finally:
+        committer.close()
+    assert sorted(marker.shard for marker in committer.committed) == shards
+    assert all(name.startswith("commit") for name in seen_threads)  # off the loop's thread
+    assert not committer.arrived and committer.take_unfinished() == []
+    assert committer.commit_cpu_s > 0
+    assert all(Ledger(str(out)).marker(shard) is not None for shard in shards)
+
+
+def test_a_commit_that_raises_raises_on_the_loops_thread(tmp_path: Path, monkeypatch):
+    import pytest
+
+    out = tmp_path / "out"
+    committer = _committer(out, threads=2)
+    write_expected(str(out), {}, "000009", ["a"])
+
+    def full_disk(_ledger: Ledger, _marker) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Ledger, "write_marker", full_disk)
+    try:
+        _arrive(committer, out, "000009", ["a"], 1)
+        with pytest.raises(OSError, match="disk full"):
+            committer.drain()
+    finally:
+        committer.close()
+    assert Ledger(str(out)).marker("000009") is None
 
 
 def test_error_reasons_are_counted_by_kind_and_the_verdict_names_them():
