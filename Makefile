@@ -10,7 +10,7 @@ WHEELS := $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-lin
 TINY := out/tiny-model
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit integration bench bench-gpu clean img2dataset
+.PHONY: install demo test test-all lint unit integration bench bench-gpu clean img2dataset
 
 $(STAMP): pyproject.toml constraints/overrides.txt scripts/fix_torchvision.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,7 +40,12 @@ img2dataset: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests scripts bench
 
+# The quick tier (what CI runs): every unit test and one real-pipeline test per capability. Tests marked
+# `slow` (more layouts, more failure paths, the console's signals) run with `make test-all`.
 test: lint img2dataset
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: lint img2dataset
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP) img2dataset

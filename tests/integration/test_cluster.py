@@ -114,6 +114,7 @@ def _caption_actor_processes() -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_caption_actor_is_replaced_and_every_image_lands_once(tmp_path: Path, tiny_model: Path,
                                                                         samples: Path):
     out = tmp_path / "out"

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import psutil
 import pyarrow.dataset as pads
+import pytest
 
 from tests.integration.conftest import REPO, run_cli, write_config
 
+pytestmark = pytest.mark.integration
 SAMPLE_COUNT = 10
 
 
@@ -23,6 +25,7 @@ def _keys(out: Path) -> list[str]:
     return sorted(pads.dataset(out / "data", format="parquet").to_table(columns=["key"]).column("key").to_pylist())
 
 
+@pytest.mark.slow
 def test_the_demos_console_is_short_shows_progress_before_the_end_and_names_its_log(tmp_path: Path,
                                                                                     tiny_model: Path, samples: Path):
     out, log = tmp_path / "out", tmp_path / "run.log"
@@ -74,6 +77,7 @@ def _interrupt_once_captioning(config: Path, out: Path, send: signal.Signals) ->
     return process.returncode, stderr, seconds
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_rerun_finishes_exactly_once(tmp_path: Path, tiny_model: Path,
                                                                                  samples: Path):
     out = tmp_path / "out"

@@ -73,6 +73,7 @@ def test_a_dirty_folder_exits_0_with_one_row_per_file(tmp_path: Path, tiny_model
     assert again.returncode == 0 and last_summary(out)["shards_committed_this_run"] == 0
 
 
+@pytest.mark.slow
 def test_a_folder_of_nothing_but_broken_files_exits_non_zero_saying_why(tmp_path: Path, tiny_model: Path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -142,6 +143,7 @@ def test_a_file_list_with_repeated_lines(tmp_path: Path, tiny_model: Path, sampl
 
 
 
+@pytest.mark.slow
 def test_transient_s3_errors_are_retried_and_never_become_rows(tmp_path: Path, tiny_model: Path, samples: Path,
                                                                 s3_server: str, s3_fs, s3_bucket: str):
     from tests.faults import Fault, FaultProxy

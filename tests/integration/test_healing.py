@@ -15,9 +15,11 @@ from pathlib import Path
 
 import psutil
 import pyarrow.dataset as pads
+import pytest
 
 from tests.integration.conftest import REPO, write_config
 
+pytestmark = pytest.mark.integration
 SAMPLE_COUNT = 10
 
 
@@ -68,6 +70,7 @@ def test_an_engine_that_fails_then_one_that_hangs_are_replaced_and_the_run_compl
     assert not log.exists() or "Traceback" not in log.read_text()
 
 
+@pytest.mark.slow
 def test_an_engine_that_keeps_failing_ends_the_run_after_its_restarts(tmp_path: Path, tiny_model: Path,
                                                                       samples: Path):
     out = tmp_path / "out"

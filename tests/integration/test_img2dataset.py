@@ -16,7 +16,9 @@ pytestmark = [pytest.mark.integration,
 QUICK_MODES = [{"name": "tags", "type": "booru_like", "length": 50, "max_tokens": 8}]
 
 
-@pytest.mark.parametrize("output", ["webdataset", "parquet", "files"])
+# One layout in the quick tier; the other two with the slow tests (`make test-all`).
+@pytest.mark.parametrize("output", ["webdataset", pytest.param("parquet", marks=pytest.mark.slow),
+                                    pytest.param("files", marks=pytest.mark.slow)])
 def test_every_saved_image_is_captioned_once_with_its_alt_text(tmp_path: Path, tiny_model: Path,
                                                                downloaded: dict[str, Path], output: str):  # noqa: F811
     folder = downloaded[output]

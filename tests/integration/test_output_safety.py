@@ -43,6 +43,7 @@ def test_two_runs_started_at_once_on_one_output_one_refused_in_words(tmp_path: P
     assert not (out / "_lease.json").exists()
 
 
+@pytest.mark.slow
 def test_foreign_files_spellings_a_grown_input_and_overwrite(tmp_path: Path, tiny_model: Path, samples: Path):
     names = sorted(relative for relative, _ in SAMPLES.values())
     first, later = names[:3], names[3:5]

@@ -110,6 +110,7 @@ def test_sigkill_at_several_moments_then_rerun_gives_every_key_exactly_once(tmp_
     assert sorted(hf["key"]) == expected
 
 
+@pytest.mark.slow
 def test_changed_modes_are_refused_and_overwrite_starts_over(tmp_path: Path, tiny_model: Path, samples: Path):
     out = tmp_path / "out"
     # Only a plan is needed to claim the output: kill the first run as soon as it exists.

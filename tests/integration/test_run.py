@@ -53,6 +53,7 @@ def test_run_captions_every_sample_then_resumes_with_nothing_to_do(tmp_path: Pat
     assert len(pd.read_parquet(out / "data")) == len(SAMPLES)
 
 
+@pytest.mark.slow
 def test_three_modes_per_image_and_a_forced_glitch_is_retried_and_flagged(tmp_path: Path, tiny_model: Path,
                                                                            samples: Path):
     modes = [{"name": "tags", "type": "booru_like", "length": 50, "max_tokens": 48},

@@ -26,6 +26,7 @@ def _run(tmp_path: Path, tiny_model: Path, input_uri: str, output_uri: str, **se
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_webdataset_shards_and_a_repaired_tar_is_redone_whole(tmp_path: Path, tiny_model: Path, samples: Path):
     import webdataset
 
@@ -62,6 +63,7 @@ def test_webdataset_shards_and_a_repaired_tar_is_redone_whole(tmp_path: Path, ti
     assert last_summary(tmp_path / "out")["images"] == len(expected)
 
 
+@pytest.mark.slow
 def test_parquet_with_hugging_face_image_structs(tmp_path: Path, tiny_model: Path, samples: Path):
     images = [{"bytes": (samples / name).read_bytes(), "path": name} for name in FEW] + [{"bytes": b"", "path": "x"}]
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -94,6 +96,7 @@ def test_file_list_and_s3_input_and_output(tmp_path: Path, tiny_model: Path, sam
     assert "testing" not in manifest  # credentials never reach outputs
 
 
+@pytest.mark.slow
 def test_s3_prefix(tmp_path: Path, tiny_model: Path, samples: Path, s3_fs, s3_bucket: str):
     for name in FEW:
         s3_fs.pipe_file(f"{s3_bucket}/data/set/{name}", (samples / name).read_bytes())
@@ -103,6 +106,7 @@ def test_s3_prefix(tmp_path: Path, tiny_model: Path, samples: Path, s3_fs, s3_bu
     assert set(table.key) == set(FEW) and (table.status == "ok").all()
 
 
+@pytest.mark.slow
 def test_broken_files_become_error_rows_then_retry_errors_recaptions_them(tmp_path: Path, tiny_model: Path,
                                                                           image_corpus):
     corpus = image_corpus(tmp_path / "mixed")
