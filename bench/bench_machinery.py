@@ -11,12 +11,15 @@ and as 4 Ray tasks (`commit_tasks: 4`). Reports images/s, shard commits/s, commi
 (shard complete on the driver to marker written), and the driver's CPU per 1,000 images: the whole
 driver process (Ray Data's executor runs in it too), the same without the commits' own CPU (what the
 driver spends when commits run elsewhere), and the pipeline's own loop (bookkeeping and reading write
-reports). The stand-in lives here only; the pipeline takes it through `execute(captioner=...)`.
+reports), the commits and Ray Data's executor thread; what is left is the run's start (planning lists the
+input, Ray Data builds its plan) and Ray's own threads. The stand-in lives here only; the pipeline takes
+it through `execute(captioner=...)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -25,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +94,33 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class ExecutorCpu:
+    """CPU seconds of Ray Data's executor thread (it runs in the driver), sampled from /proc while a run
+    goes on: the thread ends with the run, so its figure is the last one seen."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> ExecutorCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self._stop.wait(0.2):
+            for thread in threading.enumerate():
+                if thread.name.startswith("StreamingExecutor") and thread.native_id:
+                    with contextlib.suppress(OSError):
+                        fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+                        self.seconds = max(self.seconds, (int(fields[11]) + int(fields[12])) / tick)
+
+
 # (label, compute keys): the first is the baseline
 ARMS = (("loop", {"commit_threads": 0}), ("4 threads", {"commit_threads": 4}), ("4 tasks", {"commit_tasks": 4}))
 
@@ -103,7 +134,8 @@ def run_once(input_uri: str, output_uri: str, arm: str, commits: dict[str, int],
         "model": {"path": "unused-by-the-stand-in"}, "modes": "dual",
         "compute": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 64, **commits}})
     cpu, started = _cpu(), time.perf_counter()
-    summary = execute(config, overwrite=True, allow_existing=True, captioner=InstantCaptioner)
+    with ExecutorCpu() as executor:
+        summary = execute(config, overwrite=True, allow_existing=True, captioner=InstantCaptioner)
     seconds, cpu = time.perf_counter() - started, _cpu() - cpu
     figures, images = summary["commits"], summary["images"]
     commit_cpu = figures["commit_cpu_ms_per_1000_images"] if arm != "4 tasks" else 0.0  # tasks: not the driver's
@@ -113,7 +145,8 @@ def run_once(input_uri: str, output_uri: str, arm: str, commits: dict[str, int],
             "commits_per_s": round(summary["shards"] / seconds, 2),
             "latency_p50_s": figures["latency_p50_s"], "latency_p99_s": figures["latency_p99_s"],
             "driver_cpu_ms_per_1000": round(driver, 1),
-            "driver_cpu_ms_per_s": round(1e3 * cpu / seconds, 1),  # nearly constant: a floor, not per image
+            "driver_cpu_ms_per_s": round(1e3 * cpu / seconds, 1),
+            "executor_cpu_ms_per_1000": round(1e6 * executor.seconds / images, 1),
             "driver_cpu_without_commits_ms_per_1000": round(driver - commit_cpu, 1),
             "commit_cpu_ms_per_1000": figures["commit_cpu_ms_per_1000_images"],
             "loop_cpu_ms_per_1000": figures["driver_loop_cpu_ms_per_1000_images"]}
@@ -153,7 +186,8 @@ def main() -> int:
                   f"{row['commits_per_s']:6.2f} commits/s  latency p50 {row['latency_p50_s']:.3f} s "
                   f"p99 {row['latency_p99_s']:.3f} s  driver CPU ms/1000 images: {row['driver_cpu_ms_per_1000']:.1f}"
                   f" whole, {row['driver_cpu_without_commits_ms_per_1000']:.1f} without commits, "
-                  f"{row['loop_cpu_ms_per_1000']:.1f} own loop (commits {row['commit_cpu_ms_per_1000']:.1f}); "
+                  f"{row['loop_cpu_ms_per_1000']:.1f} own loop, {row['commit_cpu_ms_per_1000']:.1f} commits, "
+                  f"{row['executor_cpu_ms_per_1000']:.1f} Ray Data's executor thread; "
                   f"{row['driver_cpu_ms_per_s']:.0f} ms per second of wall time")
         for row in rows[1:]:
             print(f"{where:>5} commits on {row['arm']} / on the loop: "
