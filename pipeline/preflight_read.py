@@ -22,9 +22,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from typing import Any
 
 from pipeline.config import InputConfig, RunConfig
 from pipeline.images import IMAGE_EXTENSIONS, prepare_image
@@ -71,35 +70,36 @@ class Listed:
 class ListingSizes(AbstractContextManager["ListingSizes"]):
     """The bytes of the files the plan covers, seen on their way through the listing's walk.
 
-    Every walk (`pipeline.io.walk.walk_files`) returns each file's size with its path, so watching it costs
-    no request of its own, on S3 as locally; it is put back on exit. Layout detection walks the start of a
+    Every walk (`pipeline.io.walk.walk_files`) returns each file's size with its path, so watching it
+    (`walk.observing`) costs no request of its own, on S3 as locally. Layout detection walks the start of a
     folder before planning walks all of it: the walk that counts is the last one started. The files counted
     are the ones planning keeps: images (folders), `.tar` or `.parquet` files, with `input.glob` applied.
-    Only for a process that plans and nothing else at the same time (the `plan` command)."""
+    Every walk of the process is seen while inside: for a process that plans and nothing else at the same
+    time (the `plan` command)."""
 
     def __init__(self, config: InputConfig, layout_format: str) -> None:
         self.config = config
         self.wanted = PLANNED_FILES.get(layout_format, frozenset())
         self.walks: list[list[int]] = []  # [files, bytes] of each walk, in the order they started
+        self._watch = ExitStack()
 
     def __enter__(self) -> ListingSizes:
-        self._original = walk.walk_files
-        walk.walk_files = self._walk
+        self._watch.enter_context(walk.observing(self))
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        walk.walk_files = self._original
+        self._watch.close()
 
-    def _walk(self, fs: Any, root: str) -> Iterator[tuple[str, int]]:
-        counts = [0, 0]
-        self.walks.append(counts)
+    def started(self, root: str) -> None:
+        self.walks.append([0, 0])
+
+    def file(self, root: str, path: str, size: int) -> None:
+        relative = relative_path(path, root)
         glob = self.config.glob
-        for path, size in self._original(fs, root):
-            relative = relative_path(path, root)
-            if extension(relative) in self.wanted and (glob is None or fnmatch.fnmatch(relative, glob)):
-                counts[0] += 1
-                counts[1] += size
-            yield path, size
+        if extension(relative) in self.wanted and (glob is None or fnmatch.fnmatch(relative, glob)):
+            counts = self.walks[-1]
+            counts[0] += 1
+            counts[1] += size
 
     def total(self) -> int | None:
         """Bytes of the planned files; None when nothing was walked (a file list, or input.uri a file)."""

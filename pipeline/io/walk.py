@@ -18,11 +18,13 @@ Local symlinks never make the walk loop, and never list a file twice by accident
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -112,8 +114,43 @@ def _walk_s3(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, in
         token = page["NextContinuationToken"]
 
 
+class WalkObserver(Protocol):
+    """Sees every walk: `started(root)` when one begins, then `file(root, path, size)` per file it yields."""
+
+    def started(self, root: str) -> None: ...
+
+    def file(self, root: str, path: str, size: int) -> None: ...
+
+
+_OBSERVERS: list[WalkObserver] = []
+
+
+@contextlib.contextmanager
+def observing(observer: WalkObserver) -> Iterator[WalkObserver]:
+    """Show `observer` every walk of this process while inside. The walk returns each file's size with its
+    path, so a listing's bytes are counted without a request of their own (the `plan` command does)."""
+    _OBSERVERS.append(observer)
+    try:
+        yield observer
+    finally:
+        _OBSERVERS.remove(observer)
+
+
 def walk_files(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int]]:
     """Stream (path, size) of every file under `root` in a deterministic order (see the module doc)."""
+    if not _OBSERVERS:
+        yield from _walk(fs, root)
+        return
+    watching = list(_OBSERVERS)
+    for observer in watching:
+        observer.started(root)
+    for path, size in _walk(fs, root):
+        for observer in watching:
+            observer.file(root, path, size)
+        yield path, size
+
+
+def _walk(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int]]:
     if isinstance(fs, LocalFileSystem):
         yield from _walk_local(root)
     elif fs.protocol in ("s3", "s3a") or "s3" in getattr(fs, "protocol", ()):

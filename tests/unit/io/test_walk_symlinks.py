@@ -82,3 +82,26 @@ def test_an_unreadable_subfolder_is_a_warning(tmp_path: Path, monkeypatch: pytes
     assert "Permission denied" in caplog.text
     with pytest.raises(PermissionError):  # the root itself is not a detail to skip
         _listed(root / "locked")
+
+
+def test_an_observer_sees_each_walk_start_and_every_file_with_its_size_until_it_leaves(tmp_path: Path):
+    from pipeline.io import walk
+
+    _touch(tmp_path / "a.jpg", b"12345")
+    _touch(tmp_path / "sub" / "b.jpg", b"12")
+
+    class Seen:
+        def __init__(self) -> None:
+            self.events: list[tuple[str, ...]] = []
+
+        def started(self, root: str) -> None:
+            self.events.append(("started",))
+
+        def file(self, root: str, path: str, size: int) -> None:
+            self.events.append((os.path.relpath(path, root), str(size)))
+
+    seen = Seen()
+    with walk.observing(seen):
+        assert _listed(tmp_path) == ["a.jpg", "sub/b.jpg"]
+    _listed(tmp_path)  # after leaving: not seen
+    assert seen.events == [("started",), ("a.jpg", "5"), ("sub/b.jpg", "2")]
