@@ -14,6 +14,7 @@ bench/bench_machinery.py compares the three ways (loop, threads, tasks).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import time
@@ -64,8 +65,7 @@ class CommitResult:
 def commit_shard(request: CommitRequest) -> CommitResult:
     """Merge, check, write the part file, then the marker. Safe to run twice (a retried task)."""
     mark = time.thread_time()
-    result = _commit(request)
-    return CommitResult(result.shard, result.marker, result.refused, time.thread_time() - mark)
+    return dataclasses.replace(_commit(request), cpu_s=time.thread_time() - mark)
 
 
 def _commit(request: CommitRequest) -> CommitResult:
@@ -117,6 +117,13 @@ class Committer:
         self.limit = self.tasks or self.threads
         self._task: Any = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def where(self) -> str:
+        """Where commits run, in words (the summary says it)."""
+        if self.tasks:
+            return f"{self.tasks} Ray tasks"
+        return f"{self.threads} driver threads" if self.threads else "the driver's loop"
 
     def add(self, shard: str, shard_size: int | None, keys: list[str]) -> None:
         if shard in self.handed:  # a repeated report of a shard already handed over (a retried task)

@@ -20,7 +20,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
@@ -90,16 +90,18 @@ class ListingSizes(AbstractContextManager["ListingSizes"]):
     def __exit__(self, *_exc: object) -> None:
         self._watch.close()
 
-    def started(self, root: str) -> None:
-        self.walks.append([0, 0])
-
-    def file(self, root: str, path: str, size: int) -> None:
-        relative = relative_path(path, root)
+    def started(self, root: str) -> Callable[[str, int], None]:
+        counts = [0, 0]
+        self.walks.append(counts)
         glob = self.config.glob
-        if extension(relative) in self.wanted and (glob is None or fnmatch.fnmatch(relative, glob)):
-            counts = self.walks[-1]
-            counts[0] += 1
-            counts[1] += size
+
+        def file_seen(path: str, size: int) -> None:
+            relative = relative_path(path, root)
+            if extension(relative) in self.wanted and (glob is None or fnmatch.fnmatch(relative, glob)):
+                counts[0] += 1
+                counts[1] += size
+
+        return file_seen
 
     def total(self) -> int | None:
         """Bytes of the planned files; None when nothing was walked (a file list, or input.uri a file)."""

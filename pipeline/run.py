@@ -203,9 +203,7 @@ def summarise(ledger: Ledger, config: RunConfig, seconds: float, committer: Comm
                     if images_now else None,
                     "commit_cpu_ms_per_1000_images": round(1e6 * committer.commit_cpu_s / images_now, 2)
                     if images_now else None,
-                    "where": (f"{config.compute.commit_tasks} Ray tasks" if config.compute.commit_tasks else
-                              f"{config.compute.commit_threads} driver threads" if config.compute.commit_threads
-                              else "the driver's loop")},
+                    "where": committer.where},
     }
 
 

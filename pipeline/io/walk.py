@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -115,11 +115,10 @@ def _walk_s3(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, in
 
 
 class WalkObserver(Protocol):
-    """Sees every walk: `started(root)` when one begins, then `file(root, path, size)` per file it yields."""
+    """Sees every walk: `started(root)` when one begins, returning what to call with (path, size) for each
+    file that walk yields (walks may interleave: each file goes to its own walk's callback)."""
 
-    def started(self, root: str) -> None: ...
-
-    def file(self, root: str, path: str, size: int) -> None: ...
+    def started(self, root: str) -> Callable[[str, int], None]: ...
 
 
 _OBSERVERS: list[WalkObserver] = []
@@ -141,12 +140,10 @@ def walk_files(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, 
     if not _OBSERVERS:
         yield from _walk(fs, root)
         return
-    watching = list(_OBSERVERS)
-    for observer in watching:
-        observer.started(root)
+    seen = [observer.started(root) for observer in _OBSERVERS]
     for path, size in _walk(fs, root):
-        for observer in watching:
-            observer.file(root, path, size)
+        for file_seen in seen:
+            file_seen(path, size)
         yield path, size
 
 

@@ -94,14 +94,33 @@ def test_an_observer_sees_each_walk_start_and_every_file_with_its_size_until_it_
         def __init__(self) -> None:
             self.events: list[tuple[str, ...]] = []
 
-        def started(self, root: str) -> None:
+        def started(self, root: str):
             self.events.append(("started",))
-
-        def file(self, root: str, path: str, size: int) -> None:
-            self.events.append((os.path.relpath(path, root), str(size)))
+            return lambda path, size: self.events.append((os.path.relpath(path, root), str(size)))
 
     seen = Seen()
     with walk.observing(seen):
         assert _listed(tmp_path) == ["a.jpg", "sub/b.jpg"]
     _listed(tmp_path)  # after leaving: not seen
     assert seen.events == [("started",), ("a.jpg", "5"), ("sub/b.jpg", "2")]
+
+
+def test_files_of_interleaved_walks_go_to_their_own_walk(tmp_path: Path):
+    from pipeline.io import walk
+
+    for name in ("a.jpg", "b.jpg"):
+        _touch(tmp_path / "one" / name)
+        _touch(tmp_path / "two" / name)
+    fs, root = open_fs(str(tmp_path))
+    per_walk: list[list[str]] = []
+
+    class Seen:
+        def started(self, root: str):
+            files: list[str] = []
+            per_walk.append(files)
+            return lambda path, _size: files.append(os.path.relpath(path, tmp_path))
+
+    with walk.observing(Seen()):
+        first, second = walk_files(fs, f"{root}/one"), walk_files(fs, f"{root}/two")
+        next(first), next(second), next(first), next(second)
+    assert per_walk == [["one/a.jpg", "one/b.jpg"], ["two/a.jpg", "two/b.jpg"]]
