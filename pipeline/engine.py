@@ -205,6 +205,10 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+# How often a caption actor logs its engine's use (after a batch); the benchmark sets 0 for every batch.
+ENGINE_REPORT_EVERY_S = float(os.environ.get("PIPELINE_ENGINE_REPORT_S", "60"))
+
+
 class EngineStartError(RuntimeError):
     """The vLLM engine could not be created (bad model path or config, not enough memory, ...)."""
 
@@ -254,8 +258,12 @@ class CaptionActor:
         self._sampling_params = SamplingParams
         if on_gpu:  # a replaced actor's engine may still be freeing the device
             wait_for_device_memory(self.config.model.gpu_memory_utilization, self.config.compute.device_wait_s)
-        try:
+        def build() -> Any:  # on the engine loop's thread: see pipeline.engine_loop on why
             self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
+            return with_faults(self.llm.llm_engine)
+
+        try:
+            self.loop = EngineLoop(build=build)
         except Exception as err:
             # Fail the run now, with the engine's own message, rather than retrying a broken model.
             # One line: the console shows this line alone (vLLM's config errors span several).
@@ -268,9 +276,10 @@ class CaptionActor:
         self.tokenizer = self.llm.get_tokenizer()
         self._prompt_ids: dict[str, list[int]] = {}
         self._tokenizer_lock = threading.Lock()  # Ray Data calls this actor from several threads
-        self.loop = EngineLoop(with_faults(self.llm.llm_engine))
         self.gate = AdmissionGate(requests_in_flight_target(self.config, self.llm.llm_engine))
         self.admission_stats = AdmissionStats()
+        self._ready_at = time.monotonic()
+        self._reported_at = -float("inf")  # the first batch reports, then every ENGINE_REPORT_EVERY_S
         # The Unix time lets a benchmark line the engine's start up with the driver's commit times.
         log.info("engine ready in %.1fs (%s, at %.3f); %d requests in flight at most", time.monotonic() - started,
                  "GPU" if on_gpu else "CPU", time.time(), self.gate.target)
@@ -370,7 +379,20 @@ class CaptionActor:
                 values["_attempts"][i] = g.attempts
                 values["_seed"][i] = g.seed
             columns.update({mode.name + suffix: column for suffix, column in values.items()})
+        self._report_engine_use()
         return to_table(columns, self.schema)
+
+    def _report_engine_use(self, every_s: float = ENGINE_REPORT_EVERY_S) -> None:
+        """Log how busy the engine was kept: idle time is time it had no request at all, the engine
+        starved by the stages before it (or by the run's end)."""
+        now = time.monotonic()
+        if now - self._reported_at < every_s:
+            return
+        self._reported_at = now
+        since = now - self._ready_at
+        log.info("engine use: %d steps, idle %.1f%% of %.1f s since ready; %d glitch retries submitted at once, "
+                 "batches waited %.1f s for room", self.loop.steps, 100 * self.loop.idle_s / since, since,
+                 self.admission_stats.retries_submitted, self.admission_stats.waited_for_room_s)
 
     def die(self, err: BaseException) -> NoReturn:
         """End this actor's process so Ray replaces it with a fresh engine (up to compute.max_actor_restarts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,13 @@ def test_same_seed_same_caption_and_glitches_do_not_stop_the_batch(actor, sample
     # A different key is a different seed: a different caption for the same pixels.
     other = actor.caption(["rocket-copy.jpg"], images[:1])
     assert [g.seed for g in other[0]] != [g.seed for g in first[0]]
+
+
+def test_the_actor_logs_how_busy_its_engine_was(actor, samples: Path, caplog: pytest.LogCaptureFixture):
+    actor.caption(["rocket.jpg"], [_image(samples, "rocket.jpg")])
+    with caplog.at_level(logging.INFO, logger="pipeline.engine"):
+        actor._report_engine_use(every_s=0)
+    line = re.search(r"engine use: (\d+) steps, idle ([0-9.]+)% of ([0-9.]+) s since ready", caplog.text)
+    assert line is not None, caplog.text
+    steps, idle, since = int(line.group(1)), float(line.group(2)), float(line.group(3))
+    assert steps >= 24 and 0 <= idle <= 100 and since > 0  # 24 tokens a mode: at least that many steps
