@@ -258,6 +258,7 @@ class CaptionActor:
         self._sampling_params = SamplingParams
         if on_gpu:  # a replaced actor's engine may still be freeing the device
             wait_for_device_memory(self.config.model.gpu_memory_utilization, self.config.compute.device_wait_s)
+
         def build() -> Any:  # on the engine loop's thread: see pipeline.engine_loop on why
             self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
             return with_faults(self.llm.llm_engine)
