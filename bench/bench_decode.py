@@ -4,7 +4,7 @@
 
 Makes N (default 24) photographic 4000 x 3000 JPEGs in memory (scikit-image's bundled photographs, upscaled,
 with sensor-like grain so they compress like real photos, ~3 MB each at quality 90), then times
-`pipeline.images.prepare_image` on all of them in this one process, with `draft=True` and `draft=False`.
+`pipeline.captioning.images.prepare_image` on all of them in this one process, with `draft=True` and `draft=False`.
 Rounds alternate between the two so background load hits both alike; each rate is the best round.
 Images per wall-clock second in one process is images per second per core; images per CPU-second is also
 given, being steadier on a busy machine.
@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline.images import SIZE, prepare_image
+from pipeline.captioning.images import SIZE, prepare_image
 
 WIDTH, HEIGHT = 4000, 3000
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")

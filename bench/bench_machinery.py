@@ -42,13 +42,13 @@ class InstantCaptioner:
 
     def __init__(self, config_json: str) -> None:
         from pipeline.config import RunConfig
-        from pipeline.sink import in_flight_schema
+        from pipeline.table.schema import in_flight_schema
 
         self.modes = [mode.name for mode in RunConfig.model_validate_json(config_json).modes]
         self.schema = in_flight_schema(self.modes)
 
     def __call__(self, batch: Any) -> Any:
-        from pipeline.sink import to_table
+        from pipeline.table.schema import to_table
 
         columns = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "pixels"}
         ok = [status == "ok" for status in columns["status"]]
@@ -127,7 +127,7 @@ ARMS = (("loop", {"commit_threads": 0}), ("4 threads", {"commit_threads": 4}), (
 
 def run_once(input_uri: str, output_uri: str, arm: str, commits: dict[str, int], shard_size: int) -> dict[str, Any]:
     from pipeline.config import build_config
-    from pipeline.run import execute
+    from pipeline.run.driver import execute
 
     config = build_config({
         "input": {"uri": input_uri, "shard_size": shard_size}, "output": {"uri": output_uri},

@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 def plan_only(listing: str, output: str) -> dict[str, float]:
     sys.path.insert(0, str(REPO))
     from pipeline.config import build_config
-    from pipeline.ledger import Ledger
-    from pipeline.planning import prepare_output
-    from pipeline.records import Marker
+    from pipeline.run.planning import prepare_output
+    from pipeline.table.ledger import Ledger
+    from pipeline.table.records import Marker
 
     config = build_config({"input": {"uri": listing, "format": "filelist", "shard_size": 256},
                            "output": {"uri": output}, "model": {"path": "unused"}, "modes": "dual"})

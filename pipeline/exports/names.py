@@ -33,8 +33,8 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline.captioning.images import DECODABLE_EXTENSIONS
 from pipeline.exports.txt import safe_segments
-from pipeline.images import DECODABLE_EXTENSIONS
 
 MAX_SEGMENT_BYTES = 200  # leaves room for `~N` under the usual 255-byte limit
 CACHED_FOLDERS = 1024  # folder listings kept in memory by a Namer

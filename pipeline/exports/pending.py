@@ -1,7 +1,7 @@
 """The note an export or gallery of an unfinished output prints: how much of the plan is not committed yet.
 
 Exports hold committed shards only (table.py), which is right while a run writes, but a user reading
-"880 rows written" should also learn that 120 more are planned. The counts are pipeline.status's own
+"880 rows written" should also learn that 120 more are planned. The counts are pipeline.table.status's own
 (planned images from the plan summary, done images from the markers), not counted again here.
 """
 
@@ -15,7 +15,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def describe_pending(report: dict[str, Any], holder: str = "this export holds") -> str | None:
-    """One line for a `pipeline.status.status` report of an unfinished output; None when it is finished."""
+    """One line for a `pipeline.table.status.status` report of an unfinished output; None when it is finished."""
     done = int(report["images_done"])
     if report["plan_complete"] and not report["shards_pending"]:
         return None
@@ -35,6 +35,6 @@ def describe_pending(report: dict[str, Any], holder: str = "this export holds") 
 def pending_note(output_uri: str, storage_options: dict[str, Any] | None = None,
                  holder: str = "this export holds") -> str | None:
     """`describe_pending` of the output's current status (FileNotFoundError when it holds no run)."""
-    from pipeline.status import status  # reads the lease too: kept out of the exports' import
+    from pipeline.table.status import status  # reads the lease too: kept out of the exports' import
 
     return describe_pending(status(output_uri, storage_options), holder)

@@ -20,9 +20,9 @@ from typing import Any
 
 import fsspec
 
+from pipeline.captioning.images import IMAGE_EXTENSIONS
 from pipeline.exports.table import Output, check_modes, open_output, shard_batches
 from pipeline.exports.targets import check_folder_target
-from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.io.fs import is_local, open_fs, write_atomic
 
 log = logging.getLogger("pipeline.exports.txt")

@@ -1,1 +1,1 @@
-"""Storage access (fsspec) and input sources."""
+"""Storage access (fsspec), input layouts and containers, shards, listing and retries."""

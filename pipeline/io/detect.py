@@ -15,8 +15,8 @@ from collections.abc import Iterable
 import fsspec
 import pyarrow.parquet as pq
 
+from pipeline.captioning.images import IMAGE_EXTENSIONS
 from pipeline.config import InputConfig
-from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.io import layout as rules
 from pipeline.io.columns import (
     check_image_column,

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from pipeline.captioning.images import IMAGE_EXTENSIONS
 from pipeline.config import InputConfig
-from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.io import walk
 from pipeline.io.fs import open_fs, retrying
 from pipeline.io.shards import SourceError, extension

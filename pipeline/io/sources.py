@@ -46,7 +46,7 @@ from pipeline.io.layout import Layout
 from pipeline.io.listing import stem
 from pipeline.io.meta import sample_meta, sidecar_value
 from pipeline.io.parquet_source import read_parquet
-from pipeline.io.plan import plan_shards
+from pipeline.io.sharding import plan_shards
 from pipeline.io.shards import Reading, Record, Shard, SourceError, describe
 from pipeline.io.tar_source import WDS_IMAGE_EXTENSIONS, WDS_META_EXTENSIONS, read_tar
 

@@ -1,1 +1,2 @@
-"""Helpers for tests and the demo: the tiny JoyCaption-shaped model and sample images."""
+"""For tests and the demo: the tiny JoyCaption-shaped model, sample images, and the fault hooks tests
+inject into a run."""

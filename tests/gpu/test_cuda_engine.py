@@ -16,9 +16,9 @@ def test_joycaption_architecture_captions_on_cuda(tmp_path: Path):
     if not ARCHITECTURE.exists():
         pytest.skip("JoyCaption architecture config not found")
     from bench.bench_throughput import gpu_model, make_images
+    from pipeline.captioning.images import pixels_to_image, prepare_image
     from pipeline.config import build_config
-    from pipeline.engine import CaptionActor
-    from pipeline.images import pixels_to_image, prepare_image
+    from pipeline.engine.actor import CaptionActor
     from pipeline.testing.tiny_model import BOS_ID, IMAGE_TOKEN_ID
 
     model = gpu_model(tmp_path / "model")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.captioning.images import pixels_to_image, prepare_image
+from pipeline.captioning.prompts import DEFAULT_SYSTEM_PROMPT
 from pipeline.config import build_config
-from pipeline.images import pixels_to_image, prepare_image
-from pipeline.prompts import DEFAULT_SYSTEM_PROMPT
 from pipeline.testing.tiny_model import BOS_ID, IMAGE_TOKEN_ID
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def actor(tiny_model: Path):
-    from pipeline.engine import CaptionActor
+    from pipeline.engine.actor import CaptionActor
 
     config = build_config({
         "input": {"uri": "unused"}, "output": {"uri": "unused"},
@@ -73,7 +73,7 @@ def test_same_seed_same_caption_and_glitches_do_not_stop_the_batch(actor, sample
 
 def test_the_actor_logs_how_busy_its_engine_was(actor, samples: Path, caplog: pytest.LogCaptureFixture):
     actor.caption(["rocket.jpg"], [_image(samples, "rocket.jpg")])
-    with caplog.at_level(logging.INFO, logger="pipeline.engine"):
+    with caplog.at_level(logging.INFO, logger="pipeline.engine.actor"):
         actor._report_engine_use(every_s=0)
     line = re.search(r"engine use: (\d+) steps, idle ([0-9.]+)% of ([0-9.]+) s since ready", caplog.text)
     assert line is not None, caplog.text

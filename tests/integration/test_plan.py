@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from tests.integration.conftest import REPO, write_config
 
 pytestmark = pytest.mark.integration
@@ -126,7 +126,7 @@ def test_plan_imports_neither_ray_nor_vllm(tmp_path: Path, dirty_folder: Path):
     model = tmp_path / "model"
     model.mkdir()
     config = write_config(tmp_path / "run.yaml", model, str(dirty_folder), str(tmp_path / "out"))
-    script = ("import sys; from pipeline.cli import main; code = main(['plan', sys.argv[1], '--json']); "
+    script = ("import sys; from pipeline.cli.main import main; code = main(['plan', sys.argv[1], '--json']); "
               "heavy = sorted({'ray', 'vllm', 'torch'} & set(sys.modules)); print(heavy, file=sys.stderr); "
               "sys.exit(code or (3 if heavy else 0))")
     result = subprocess.run([sys.executable, "-c", script, str(config)], cwd=REPO, capture_output=True, text=True,

@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.captioning.modes import derive_seed
 from pipeline.config import load_config
-from pipeline.modes import derive_seed, resolve_modes
 from pipeline.testing.samples import SAMPLES
 from tests.integration.conftest import last_summary, run_cli, write_config
 
@@ -31,7 +31,7 @@ def test_run_captions_every_sample_then_resumes_with_nothing_to_do(tmp_path: Pat
     assert sorted(table.key) == sorted(relative for relative, _ in SAMPLES.values())
     assert (table.status == "ok").all()
     config = load_config(config_path)
-    for mode in resolve_modes(config):
+    for mode in config.resolved_modes():
         assert table[mode.name].str.len().gt(0).all(), mode.name
         assert (table[f"{mode.name}_prompt"] == mode.instructions[0]).all()
         assert table[f"{mode.name}_tokens"].between(1, mode.max_tokens).all()

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.io.fs import open_fs, write_atomic
-from pipeline.ledger import Ledger
-from pipeline.records import Marker
-from pipeline.sink import output_schema, part_path, staging_dir, to_table
+from pipeline.table.fragments import part_path, staging_dir
+from pipeline.table.ledger import Ledger
+from pipeline.table.records import Marker
+from pipeline.table.schema import output_schema, to_table
 
 MODES = ["tags", "description"]
 COLORS = {"cat/a.jpg": (255, 0, 0), "cat/a.png": (255, 0, 255), "dog/b.png": (0, 255, 0),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.exports.gallery import sample_rows, thumbnail, write_gallery
 from pipeline.exports.table import open_output
 from tests.unit.exports.fake_output import COLORS, XSS, FakeOutput, build_output

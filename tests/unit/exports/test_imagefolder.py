@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.exports.imagefolder import ImagefolderCounts, export_imagefolder
 from pipeline.exports.names import relative_segments
 from pipeline.exports.sources import LinkError
 from pipeline.exports.targets import TargetError
-from pipeline.sink import part_path
+from pipeline.table.fragments import part_path
 from tests.unit.exports.fake_output import (
     COLORS,
     MODES,

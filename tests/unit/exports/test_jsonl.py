@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.exports.jsonl import export_jsonl
 from pipeline.exports.table import iter_batches
 from pipeline.exports.targets import TargetError
-from pipeline.sink import output_schema
+from pipeline.table.schema import output_schema
 from tests.unit.exports.fake_output import MODES, FakeOutput
 
 

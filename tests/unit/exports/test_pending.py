@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.exports.pending import describe_pending
-from pipeline.ledger import Ledger
+from pipeline.table.ledger import Ledger
 from tests.unit.exports.fake_output import FakeOutput, build_real_output, jpeg, write_tar
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.exports.txt import TxtCounts, export_txt, safe_segments, sidecar_text, txt_name
-from pipeline.sink import part_path
+from pipeline.table.fragments import part_path
 from tests.unit.exports.fake_output import FakeOutput, _row, _write_parquet, hostile_keys, snapshot
 
 

@@ -84,7 +84,7 @@ def test_a_file_list_is_deduplicated(tmp_path: Path, caplog: pytest.LogCaptureFi
 
 
 def test_a_long_file_list_keeps_strings_only_for_repeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.io import plan
+    from pipeline.io import sharding as plan
 
     rng = random.Random(7)
     lines = [f"s3://bucket/images/{index:07d}.jpg" for index in range(50_000)]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import InputConfig
-from pipeline.io import plan
+from pipeline.io import sharding as plan
 from pipeline.io.sources import Record, Shard, plan_shards, read_shard
 
 

@@ -1,0 +1,209 @@
+"""What `pipeline plan` counts: the tallies of what was read, and the GPU-time estimate.
+
+The estimate starts from one measured figure: 16.8 images/s per H100 (raw vLLM 0.26.0 `generate`, JoyCaption
+Beta One 8B in bf16, prefix caching, dual caption of Booru-like tags capped at 128 tokens and a
+Straightforward description capped at 256, output forced to the caps; ../shared/gpu/README.md). At that
+rate the GPU writes 6,451 output tokens/s, so the workload is decode-bound: an image costs about its output
+tokens. A config's rate is therefore the reference's scaled by the output-token budget of an image, the sum
+of its modes' `max_tokens` (384 for the reference): one 128-token mode is 3x faster, four 256-token modes
+2.7x slower. What this leaves out is said beside the figure: captions that end before their cap (faster,
+unless `defaults.fixed_length`), glitch retries (slower, up to `quality.max_attempts` x), the prefill
+and image encoding that a much smaller budget would no longer hide, and engine start (about a minute).
+`--rate` replaces all of it with the user's own measured figure for the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.table.records import reason_kind  # how run summaries and `status` count reasons
+
+DEFAULT_SAMPLE = 1000  # images read and prepared unless --sample says otherwise
+REFERENCE_RATE = 16.8  # images/s per H100, the dual caption below (../shared/gpu/README.md)
+REFERENCE_BUDGET = 128 + 256  # output tokens an image of the reference workload is capped at
+REFERENCE = ("16.8 images/s per H100, raw vLLM 0.26 `generate`, JoyCaption 8B bf16, dual caption "
+             "(128 + 256 tokens, forced to the caps)")
+EXAMPLES_PER_REASON = 3
+MAX_REASONS = 40  # kinds of error kept apart; more (never seen) are counted as `other`
+BUCKETS_PER_OCTAVE = 4  # size histograms: a quantile within about 9 % of the true value
+
+
+# ---------------------------------------------------------------------------------------------- tallies
+def _bucket(value: int) -> int:
+    return -1 if value <= 0 else math.floor(BUCKETS_PER_OCTAVE * math.log2(value))
+
+
+@dataclass
+class Spread:
+    """Count, mean, min and max of sizes, with a log-bucketed histogram for quantiles in bounded memory."""
+
+    count: int = 0
+    total: int = 0
+    low: int | None = None
+    high: int | None = None
+    buckets: Counter[int] = field(default_factory=Counter)
+
+    def add(self, value: int) -> None:
+        self.count, self.total = self.count + 1, self.total + value
+        self.low = value if self.low is None else min(self.low, value)
+        self.high = value if self.high is None else max(self.high, value)
+        self.buckets[_bucket(value)] += 1
+
+    def merge(self, other: Spread) -> None:
+        if not other.count:
+            return
+        self.count, self.total = self.count + other.count, self.total + other.total
+        self.low = other.low if self.low is None else min(self.low, other.low or 0)
+        self.high = other.high if self.high is None else max(self.high, other.high or 0)
+        self.buckets.update(other.buckets)
+
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def quantile(self, q: float) -> int | None:
+        """The nearest-rank q-quantile, as the middle of its bucket (clipped to the values seen)."""
+        if not self.count or self.low is None or self.high is None:
+            return None
+        rank, seen = max(1, math.ceil(q * self.count)), 0
+        for bucket in sorted(self.buckets):
+            seen += self.buckets[bucket]
+            if seen >= rank:
+                middle = 0 if bucket < 0 else round(2 ** ((bucket + 0.5) / BUCKETS_PER_OCTAVE))
+                return min(max(middle, self.low), self.high)
+        return self.high
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "min": self.low, "p50": self.quantile(0.5), "p90": self.quantile(0.9),
+                "max": self.high, "mean": round(self.mean(), 1) if self.count else None}
+
+
+@dataclass
+class Tally:
+    """What reading found: rows, broken ones by kind of reason (with the first few examples of each),
+    decoded formats, file sizes and pixel counts. Tallies of parts merge into the whole."""
+
+    rows: int = 0
+    broken: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    formats: Counter[str] = field(default_factory=Counter)
+    file_bytes: Spread = field(default_factory=Spread)
+    pixels: Spread = field(default_factory=Spread)
+
+    def add(self, key: str, source: str, error: str | None, fmt: str | None = None, width: int | None = None,
+            height: int | None = None, size: int | None = None) -> None:
+        self.rows += 1
+        if size is not None:
+            self.file_bytes.add(size)
+        if width and height:
+            self.pixels.add(width * height)
+        if error is None:
+            self.formats[fmt or "unknown"] += 1
+            return
+        self.broken += 1
+        kind = reason_kind(error)
+        if kind not in self.reasons and len(self.reasons) >= MAX_REASONS:
+            kind = "other"
+        self.reasons[kind] += 1
+        examples = self.examples.setdefault(kind, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append({"key": key, "source": source, "error": error})
+
+    def merge(self, other: Tally) -> None:
+        self.rows, self.broken = self.rows + other.rows, self.broken + other.broken
+        for kind, count in other.reasons.items():
+            kind = kind if kind in self.reasons or len(self.reasons) < MAX_REASONS else "other"
+            self.reasons[kind] += count
+            examples = self.examples.setdefault(kind, [])
+            examples.extend(other.examples.get(kind, [])[:EXAMPLES_PER_REASON - len(examples)])
+        self.formats.update(other.formats)
+        self.file_bytes.merge(other.file_bytes)
+        self.pixels.merge(other.pixels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.rows, "broken": self.broken, "reasons": dict(self.reasons.most_common()),
+                "examples": {kind: self.examples[kind] for kind, _count in self.reasons.most_common()},
+                "formats": dict(self.formats.most_common()), "file_bytes": self.file_bytes.to_dict(),
+                "pixels": self.pixels.to_dict()}
+
+
+def share_interval(hits: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % for z 1.96) of a share seen as `hits` of `trials` sampled: honest
+    at 0 hits and in small samples, where `hits / trials` alone would claim too much."""
+    if trials <= 0:
+        return 0.0, 1.0
+    share, spread = hits / trials, z * z / trials
+    centre = (share + spread / 2) / (1 + spread)
+    half = z * math.sqrt(share * (1 - share) / trials + spread / (4 * trials)) / (1 + spread)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# --------------------------------------------------------------------------------------------- estimate
+@dataclass(frozen=True)
+class Estimate:
+    """GPU time for `images` at `rate` images/s per GPU, and the assumptions behind the rate."""
+
+    images: int
+    modes: int
+    captions: int
+    output_tokens_per_image: int
+    rate: float
+    rate_from: str  # "reference" (scaled from REFERENCE_RATE) or "--rate"
+    gpus: int
+    gpu_hours: float
+    wall_hours: float
+    assumes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_budget(config: RunConfig) -> list[int]:
+    """Each mode's output-token cap, run defaults filled in."""
+
+    return [mode.max_tokens for mode in config.resolved_modes()]
+
+
+def assumed_gpus(config: RunConfig) -> int:
+    """The GPUs the config asks for: compute.actors x GPUs per actor when actors are set, else 1."""
+    actors = config.compute.actors
+    if not actors:
+        return 1
+    per_actor = config.compute.gpus_per_actor or config.model.tensor_parallel_size
+    return max(1, math.ceil(actors * per_actor))
+
+
+def scaled_rate(caps: list[int]) -> float:
+    """The reference rate at this budget of output tokens an image (decode-bound: time ~ tokens)."""
+    return REFERENCE_RATE * REFERENCE_BUDGET / max(1, sum(caps))
+
+
+def estimate(images: int, caps: list[int], rate: float | None, gpus: int, fixed_length: bool = False,
+             max_attempts: int = 1) -> Estimate:
+    """GPU-hours and wall time for captioning `images` with modes capped at `caps` output tokens."""
+    budget, given = sum(caps), rate is not None
+    if rate is not None:
+        assumes = [f"{rate:g} images/s per GPU as given (--rate), for this config as it is"]
+    else:
+        rate = scaled_rate(caps)
+        assumes = [f"the reference: {REFERENCE}",
+                   f"scaled by output tokens an image (decode-bound): {len(caps)} mode{'s' if len(caps) != 1 else ''}"
+                   f" capped at {budget} tokens here, {REFERENCE_BUDGET} there: {REFERENCE_RATE:g} x "
+                   f"{REFERENCE_BUDGET} / {budget} = {rate:.3g} images/s per GPU"]
+        if not fixed_length:
+            assumes.append("captions ending before their cap are faster (the reference forced every cap)")
+        if budget < REFERENCE_BUDGET / 3:
+            assumes.append("so small a budget no longer hides prefill and image encoding: likely optimistic")
+    if max_attempts > 1:
+        assumes.append(f"not counted: glitch retries (up to {max_attempts} attempts a caption), engine start "
+                       "(about a minute an engine)")
+    else:
+        assumes.append("not counted: engine start (about a minute an engine)")
+    gpu_hours = images / rate / 3600
+    return Estimate(images, len(caps), images * len(caps), budget, round(rate, 3),
+                    "--rate" if given else "reference", gpus,
+                    round(gpu_hours, 6), round(gpu_hours / gpus, 6), assumes)

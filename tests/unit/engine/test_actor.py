@@ -1,0 +1,101 @@
+"""How the caption actor configures vLLM, per device, without starting an engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+from pipeline.config import build_config
+from pipeline.engine.actor import cpu_engine_threads, engine_kwargs
+
+
+def model_config(**model: object):
+    return build_config({"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "m", **model},
+                         "modes": [{"name": "tags", "type": "booru_like", "max_tokens": 64}]}).model
+
+
+def test_cpu_engine_is_eager_without_chunked_prefill_and_gpu_engine_gets_its_memory_share():
+    model = model_config(gpu_memory_utilization=0.8, quantization="fp8", max_num_seqs=64)
+    cpu, gpu = engine_kwargs(model, seed=3, on_gpu=False), engine_kwargs(model, seed=3, on_gpu=True)
+    assert cpu["enforce_eager"] and cpu["enable_chunked_prefill"] is False
+    assert "gpu_memory_utilization" not in cpu
+    assert gpu["gpu_memory_utilization"] == 0.8 and not gpu["enforce_eager"]
+    assert "enable_chunked_prefill" not in gpu
+    for kwargs in (cpu, gpu):
+        assert kwargs["quantization"] == "fp8" and kwargs["max_num_seqs"] == 64 and kwargs["seed"] == 3
+        assert kwargs["limit_mm_per_prompt"] == {"image": 1} and kwargs["enable_prefix_caching"]
+
+
+def test_cpu_threads_default_to_every_core_this_process_may_use():
+    assert cpu_engine_threads(model_config()) == len(os.sched_getaffinity(0))
+    assert cpu_engine_threads(model_config(cpu_threads=3)) == 3
+
+
+def test_cpu_environment_runs_the_engine_in_process_on_the_configured_threads():
+    # In a child process: the settings change process-wide state (environment, torch threads).
+    code = ("import json, os, torch; from pipeline.config import build_config; "
+            "from pipeline.engine.actor import prepare_environment; "
+            "m = build_config({'input': {'uri': 'i'}, 'output': {'uri': 'o'}, "
+            "'model': {'path': 'm', 'cpu_threads': 3, 'kv_cache_space_gb': 2}, "
+            "'modes': [{'name': 't', 'type': 'booru_like'}]}).model; "
+            "prepare_environment(m, on_gpu=False); "
+            "print(json.dumps([os.environ.get(k) for k in ('VLLM_ENABLE_V1_MULTIPROCESSING', "
+            "'VLLM_CPU_KVCACHE_SPACE')] + [torch.get_num_threads()]))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == ["0", "2", 3]
+
+
+class _Proxy:
+    """Like Flask's `current_app` outside an app context: any attribute access raises RuntimeError."""
+
+    def __getattribute__(self, name: str) -> object:
+        raise RuntimeError("Working outside of application context.")
+
+
+def test_a_global_that_vllm_cannot_inspect_sends_the_cpu_engine_to_its_own_process(monkeypatch):
+    import types
+
+    from pipeline.engine.actor import module_blocking_in_process_engine
+
+    clean = types.ModuleType("plain")
+    clean.value = 3  # type: ignore[attr-defined]
+    proxied = types.ModuleType("app_with_proxy")
+    proxied.current_app = _Proxy()  # type: ignore[attr-defined]
+    # Only what the scan reads is replaced; nothing is imported while it is.
+    # (warnings.catch_warnings looks itself up in sys.modules)
+    monkeypatch.setattr(sys, "modules", {"plain": clean, "json": json, "warnings": warnings})
+    assert module_blocking_in_process_engine() is None
+    monkeypatch.setattr(sys, "modules", {"plain": clean, "app_with_proxy": proxied, "warnings": warnings})
+    assert module_blocking_in_process_engine() == "app_with_proxy"
+
+
+def test_a_new_gpu_actor_waits_for_the_device_to_free_then_starts():
+    from pipeline.engine.actor import wait_for_device_memory
+
+    readings = iter([0.05, 0.3, 0.95])
+    started = time.monotonic()
+    wait_for_device_memory(0.9, timeout_s=30, free_share=lambda: next(readings), poll_s=0.01)
+    assert time.monotonic() - started < 5
+    wait_for_device_memory(0.9, timeout_s=0.05, free_share=lambda: 0.1, poll_s=0.01)  # gives up, engine decides
+    wait_for_device_memory(0.9, timeout_s=30, free_share=lambda: None)  # unreadable: no wait
+
+
+def test_requests_in_flight_come_from_the_config_else_the_engines_batch_limit():
+    from types import SimpleNamespace
+
+    from pipeline.engine.actor import requests_in_flight_target
+    from pipeline.run.driver import batches_in_flight
+
+    tree = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "m"}, "modes": "dual"}
+    engine = SimpleNamespace(vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=512)))
+    assert requests_in_flight_target(build_config(tree), engine) == 512
+    assert requests_in_flight_target(build_config(tree, ["compute.requests_in_flight=96"]), engine) == 96
+    # Ray Data hands a GPU actor enough batches to fill the target, plus one; a CPU actor one batch.
+    assert batches_in_flight(build_config(tree), gpus_per_actor=1) == 1024 // 64 + 1
+    assert batches_in_flight(build_config(tree, ["model.max_num_seqs=100"]), gpus_per_actor=1) == 3
+    assert batches_in_flight(build_config(tree), gpus_per_actor=0) == 1

@@ -1,0 +1,152 @@
+"""Shard commits: fragments merge to one row per key and check themselves, markers come last, resume state is
+read back, and nothing the pipeline did not write is ever deleted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.io.sources import Shard
+from pipeline.table.fragments import IncompleteShardError, merge_shard, part_path, write_expected, write_fragments
+from pipeline.table.ledger import FingerprintMismatchError, ForeignOutputError, Ledger
+from pipeline.table.records import Marker
+from pipeline.table.schema import in_flight_schema, output_schema, to_table
+
+MODES = ["tags"]
+
+
+def _batch(shard: str, keys: list[str], caption: str, size: int | None, status: str = "ok"):
+    rows = len(keys)
+    return to_table({"key": keys, "shard": [shard] * rows, "status": [status] * rows, "tags": [caption] * rows,
+                     "shard_size": [None] * (rows - 1) + [size]}, in_flight_schema(MODES))
+
+
+def test_fragments_are_idempotent_and_merge_to_one_row_per_key(tmp_path: Path):
+    out = str(tmp_path)
+    write_expected(out, {}, "000001", ["c", "a", "b"])
+    reports = write_fragments(_batch("000001", ["b", "a"], "first", 3), out, {})
+    assert reports == [{"shard": "000001", "shard_size": 3, "keys": ["a", "b"]}]
+    write_fragments(_batch("000001", ["b", "a"], "first", 3), out, {})  # a retried task: same file again
+    write_fragments(_batch("000001", ["c"], "second", 3), out, {})
+    assert len(list((tmp_path / "_staging" / "000001").glob("*.parquet"))) == 2
+    table = merge_shard(out, {}, "000001", output_schema(MODES), {"fingerprint": "f"})
+    assert table.column("key").to_pylist() == ["a", "b", "c"]
+    written = pq.read_table(part_path(out, "000001"))
+    assert written.column("key").to_pylist() == ["a", "b", "c"]
+    assert b"joycaption_pipeline" in written.schema.metadata
+
+
+def test_keep_committed_replaces_only_the_redone_rows(tmp_path: Path):
+    out = str(tmp_path)
+    write_expected(out, {}, "000002", ["a", "b"])
+    write_fragments(_batch("000002", ["a", "b"], "old", 2), out, {})
+    merge_shard(out, {}, "000002", output_schema(MODES), {})
+    Ledger(out).clear_staging("000002")
+    write_expected(out, {}, "000002", ["b"])
+    write_fragments(_batch("000002", ["b"], "new", 1), out, {})
+    table = merge_shard(out, {}, "000002", output_schema(MODES), {}, keep_committed=True)
+    assert dict(zip(table.column("key").to_pylist(), table.column("tags").to_pylist(), strict=True)) == {
+        "a": "old", "b": "new"}
+
+
+def test_size_is_reported_from_the_last_row_only(tmp_path: Path):
+    reports = write_fragments(_batch("000001", ["a", "b"], "x", None), str(tmp_path), {})
+    assert reports == [{"shard": "000001", "shard_size": None, "keys": ["a", "b"]}]
+
+
+@pytest.mark.parametrize("expected, fragments, reason", [
+    (["a", "b", "c"], [["a"], ["b"]], "1 missing"),  # a fragment lost (deleted by another run)
+    (["a", "b"], [["a", "b", "z"]], "1 unexpected"),  # a row that is not the shard's
+    (["a", "a", "b"], [["a", "b"]], "repeated"),  # a key list with a duplicate can never be a shard
+    (["a"], [], "0 of 1"),  # no fragments at all
+])
+def test_a_commit_that_is_not_exactly_the_shards_keys_writes_nothing(tmp_path: Path, expected, fragments, reason):
+    out = str(tmp_path)
+    json_keys = list(expected)
+    (tmp_path / "_staging" / "000007").mkdir(parents=True)
+    (tmp_path / "_staging" / "000007" / "_expected.json").write_text(json.dumps(json_keys))
+    for keys in fragments:
+        write_fragments(_batch("000007", keys, "x", len(expected)), out, {})
+    with pytest.raises(IncompleteShardError, match=reason):
+        merge_shard(out, {}, "000007", output_schema(MODES), {})
+    assert not Path(part_path(out, "000007")).exists()
+
+
+def test_a_commit_without_a_record_of_the_keys_writes_nothing(tmp_path: Path):
+    write_fragments(_batch("000008", ["a"], "x", 1), str(tmp_path), {})
+    with pytest.raises(IncompleteShardError, match="no record of its keys"):
+        merge_shard(str(tmp_path), {}, "000008", output_schema(MODES), {})
+    assert not Path(part_path(str(tmp_path), "000008")).exists()
+
+
+def _users_files(root: Path) -> dict[str, bytes]:
+    files = {"photos/cat.jpg": b"cat", "notes.txt": b"mine", "data-old/part-000001.parquet": b"theirs",
+             "_markers-backup/x.json": b"{}"}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def test_a_foreign_folder_is_refused_unless_allowed(tmp_path: Path):
+    files = _users_files(tmp_path)
+    with pytest.raises(ForeignOutputError, match=r"not empty and not a pipeline output.*--allow-existing"):
+        Ledger(str(tmp_path)).check_target()
+    Ledger(str(tmp_path)).check_target(allow_existing=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "photo.jpg").write_bytes(b"jpg")
+    with pytest.raises(ForeignOutputError, match="already holds data"):
+        Ledger(str(tmp_path)).check_target(allow_existing=True)
+    assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
+
+
+def test_wipe_removes_only_what_the_pipeline_wrote(tmp_path: Path):
+    files = _users_files(tmp_path)
+    ledger = Ledger(str(tmp_path))
+    ledger.write_manifest({"fingerprint": "abc"})
+    ledger.write_plan(Shard(f"{i:06d}", "files", "/in", [f"{i}.jpg"], 1) for i in range(3))
+    write_expected(str(tmp_path), {}, "000000", ["0.jpg"])
+    write_fragments(_batch("000000", ["0.jpg"], "x", 1), str(tmp_path), {})
+    merge_shard(str(tmp_path), {}, "000000", output_schema(MODES), {})
+    ledger.write_marker(Marker.of("000000", {"rows": 1}))
+    write_expected(str(tmp_path), {}, "000001", ["1.jpg"])  # a shard in flight
+    (tmp_path / "data" / "mine.parquet").write_bytes(b"a user's file beside the table")
+    (tmp_path / "_plan" / "notes.md").write_bytes(b"a user's note")
+    assert "1 committed shards (1 rows)" in ledger.describe_contents()
+    ledger.wipe()
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted([*files, "data/mine.parquet", "_plan/notes.md"])
+    assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
+
+
+def test_ledger_plan_markers_fingerprint_and_leftovers(tmp_path: Path):
+    ledger = Ledger(str(tmp_path))
+    assert ledger.check_fingerprint("abc") is False
+    ledger.write_manifest({"fingerprint": "abc"})
+    assert ledger.check_fingerprint("abc") is True
+    with pytest.raises(FingerprintMismatchError, match=r"--overwrite.*would delete 0 committed shards"):
+        ledger.check_fingerprint("def")
+
+    summary = ledger.write_plan(Shard(f"{i:06d}", "files", "/in", [f"{i}.jpg"], 1) for i in range(70))
+    assert summary["shards"] == 70 and ledger.plan_complete()["images_known"] == 70
+    assert list(ledger.planned_ids()) == [f"{i:06d}" for i in range(70)]
+    ledger.write_marker(Marker.of("000003", {"rows": 1, "ok": 1, "errors": 0}))
+    assert ledger.committed_ids() == {"000003"}
+    assert ledger.markers()[0].shard == "000003"
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / f".tmp-{'0' * 32}-part-000004.parquet").write_bytes(b"half")
+    (tmp_path / "data" / "part-000003.parquet").write_bytes(b"rows")
+    (tmp_path / "data" / "part-000005.parquet").write_bytes(b"rows")
+    (tmp_path / "data" / "part-000006.parquet").write_bytes(b"killed between part file and marker")
+    ledger.write_marker(Marker.of("000005", {"rows": 1, "ok": 1, "errors": 0}))
+    assert ledger.remove_uncommitted_parts(ledger.committed_ids()) == 2
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-000003.parquet", "part-000005.parquet"]
+    ledger.uncommit("000003")  # back to pending: no marker, no part file; others untouched
+    assert ledger.committed_ids() == {"000005"}
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-000005.parquet"]
+    ledger.wipe()
+    assert not list(tmp_path.iterdir())
