@@ -15,8 +15,12 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints/overrides.txt scripts/fix_torchvision.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
+	@# The installer's package list (200+ lines) goes to a file; the console gets its summary lines.
 	$(BIN)/uv pip install --python $(BIN)/python $(foreach w,$(WHEELS),--find-links $(w)) \
-	  --compile-bytecode --override constraints/overrides.txt -e '.[cpu,test]'
+	  --compile-bytecode --override constraints/overrides.txt -e '.[cpu,test]' > $(VENV)/install.log 2>&1 \
+	  || { cat $(VENV)/install.log; exit 1; }
+	@grep -E '^(Resolved|Prepared|Installed|Uninstalled|Audited) ' $(VENV)/install.log || true
+	@echo "(the full package list: $(VENV)/install.log)"
 	$(BIN)/python scripts/fix_torchvision.py
 	touch $@
 

@@ -137,19 +137,19 @@ def run_once(input_uri: str, output_uri: str, arm: str, commits: dict[str, int],
     with ExecutorCpu() as executor:
         summary = execute(config, overwrite=True, allow_existing=True, captioner=InstantCaptioner)
     seconds, cpu = time.perf_counter() - started, _cpu() - cpu
-    figures, images = summary["commits"], summary["images"]
-    commit_cpu = 0.0 if commits.get("commit_tasks") else figures["commit_cpu_ms_per_1000_images"]  # tasks: elsewhere
+    figures, images = summary.commits, summary.images
+    commit_cpu = 0.0 if commits.get("commit_tasks") else figures.commit_cpu_ms_per_1000_images  # tasks: elsewhere
     driver = 1e6 * cpu / images
-    return {"arm": arm, "images": images, "shards": summary["shards"],
+    return {"arm": arm, "images": images, "shards": summary.shards,
             "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
-            "commits_per_s": round(summary["shards"] / seconds, 2),
-            "latency_p50_s": figures["latency_p50_s"], "latency_p99_s": figures["latency_p99_s"],
+            "commits_per_s": round(summary.shards / seconds, 2),
+            "latency_p50_s": figures.latency_p50_s, "latency_p99_s": figures.latency_p99_s,
             "driver_cpu_ms_per_1000": round(driver, 1),
             "driver_cpu_ms_per_s": round(1e3 * cpu / seconds, 1),
             "executor_cpu_ms_per_1000": round(1e6 * executor.seconds / images, 1),
             "driver_cpu_without_commits_ms_per_1000": round(driver - commit_cpu, 1),
-            "commit_cpu_ms_per_1000": figures["commit_cpu_ms_per_1000_images"],
-            "loop_cpu_ms_per_1000": figures["driver_loop_cpu_ms_per_1000_images"]}
+            "commit_cpu_ms_per_1000": figures.commit_cpu_ms_per_1000_images,
+            "loop_cpu_ms_per_1000": figures.driver_loop_cpu_ms_per_1000_images}
 
 
 def main() -> int:

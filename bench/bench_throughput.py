@@ -44,6 +44,7 @@ from pipeline.captioning.images import pixels_to_image, prepare_image  # noqa: E
 from pipeline.captioning.modes import derive_seed  # noqa: E402
 from pipeline.captioning.prompts import chat_string  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
+from pipeline.table.names import MARKERS  # noqa: E402
 
 
 def make_images(folder: Path, count: int) -> list[Path]:
@@ -183,9 +184,10 @@ def pipeline_run(tree: dict[str, Any], workdir: Path, images: Path) -> dict[str,
     log_path = workdir / "run.log"  # the run's full log, where the engine's ready line is
     log_path.unlink(missing_ok=True)
     started = time.time()
-    env = {**os.environ, "PIPELINE_ENGINE_REPORT_S": "0"}  # the actor logs its engine's idle time every batch
+    # compute.engine_report_s=0: the actor logs its engine's idle time after every batch.
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config_path), "--overwrite", "--log-file",
-                           str(log_path)], cwd=REPO, capture_output=True, text=True, check=False, env=env)
+                           str(log_path), "--set", "compute.engine_report_s=0"], cwd=REPO, capture_output=True,
+                          text=True, check=False)
     wall = time.time() - started
     text = log_path.read_text(errors="replace")
     if done.returncode != 0:
@@ -195,7 +197,7 @@ def pipeline_run(tree: dict[str, Any], workdir: Path, images: Path) -> dict[str,
         raise RuntimeError(f"expected one engine start in the pipeline log, found {ready}")
     engine_start, ready_at = float(ready[0][0]), float(ready[0][1])
     use = ENGINE_USE.findall(text)  # the last batch's line: the idle share from ready to that batch's end
-    markers = [json.loads(p.read_text()) for p in (workdir / "out" / "_markers").glob("*.json")]
+    markers = [json.loads(p.read_text()) for p in (workdir / "out" / MARKERS).glob("*.json")]
     count = sum(m["rows"] for m in markers)
     tokens = sum(v["tokens"] for m in markers for v in m["modes"].values())
     captions = sum(v["captions"] for m in markers for v in m["modes"].values())

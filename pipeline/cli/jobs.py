@@ -3,7 +3,9 @@
 Every command talks HTTP to the cluster's job server (the head node's dashboard, port 8265) with Ray's
 `JobSubmissionClient`; nothing here joins the cluster. The address is `--address`, else `RAY_ADDRESS`,
 else http://127.0.0.1:8265. A job's result maps onto this process's exit code (`job_exit_code`), so a
-script that follows a job sees the same codes as one that runs `pipeline run` itself.
+script that follows a job sees the same codes as one that runs `pipeline run` itself. A job server on this
+machine that asks for Ray's authentication token gets the token found here, as `ray.init()` sends it to a
+local cluster (`client_auth`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -20,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -36,6 +40,40 @@ EXIT_STOPPED = 143  # the job was stopped (`pipeline jobs stop` sends SIGTERM: 1
 # How Ray's job supervisor words a failed entrypoint when a server leaves driver_exit_code unset.
 ENTRYPOINT_FAILED = re.compile(r"^Job entrypoint command failed with exit code (-?\d+)")
 SETTLE_SECONDS = 30.0  # after the log stream ends, how long the status may take to turn terminal
+
+# Ray's token authentication, as the installed Ray 2.60 does it (paths under site-packages/ray/):
+# - `ray start --head` (scripts/scripts.py `start` -> maybe_enable_token_auth_if_token_available in
+#   _private/authentication/authentication_token_setup.py): with RAY_AUTH_MODE unset it turns token auth on
+#   (RAY_AUTH_MODE=token in the environment of every process of the node) when a token already exists here,
+#   and leaves it off, with a warning, when none does. It never writes a token; `RAY_AUTH_MODE=token ray
+#   start --head` without one fails. The token is usually there: `ray.init()` starting a local cluster (the
+#   demo's `pipeline run`; _private/worker.py -> enable_token_auth_by_default, ensure_token_if_auth_enabled
+#   with create_token_if_missing) turns it on and writes ~/.ray/auth_token (generate_and_save_token,
+#   _get_default_token_path); `ray get-auth-token --generate` writes the same file.
+# - A worker node's `ray start --address` never turns it on by itself (scripts.py only checks
+#   ensure_token_if_auth_enabled): it needs RAY_AUTH_MODE=token and the token, else joining fails with
+#   InvalidAuthToken.
+# - Where a token is read (the C++ AuthenticationTokenLoader in _raylet.so; the order is the one of
+#   _private/authentication_test_utils.py and of ray.exceptions.AuthenticationError's help text):
+#   RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH (an AuthenticationError when it cannot be
+#   read or is empty), else ~/.ray/auth_token; surrounding whitespace is dropped. No copy under the session dir.
+# - Whether a client sends it: only when its RayConfig says AUTH_MODE token, i.e. RAY_AUTH_MODE=token (any
+#   case) in its environment. JobSubmissionClient (dashboard/modules/dashboard_sdk.py, SubmissionClient
+#   __init__) then adds `authorization: Bearer TOKEN` (get_auth_headers_if_auth_enabled in
+#   _private/authentication/http_token_authentication.py), unless the caller passes an Authorization
+#   header of its own. `ray.init()` to an existing cluster turns the mode on by itself only for a local
+#   cluster it finds (address None or "auto", _private/worker.py); an explicit address never does.
+# - The job server (the dashboard's token_auth_middleware, http_token_authentication.py) answers every path,
+#   /api/version included, 401 "Missing authentication token" without a header and 403 "Invalid
+#   authentication token" with a wrong one; the client raises ray.exceptions.AuthenticationError starting
+#   "Authentication required" or "Authentication failed" (format_authentication_http_error).
+# So `pipeline submit` and `pipeline jobs` do what ray.init() does for a local cluster: with RAY_AUTH_MODE
+# unset and the job server on this machine (`is_local`), they send the token found here (`find_token`, in
+# Ray's order) as their own Authorization header, to that client only: no variable is set. With
+# RAY_AUTH_MODE=token they send it to any address (as Ray would); with any other RAY_AUTH_MODE, or unset and
+# a remote address, they send nothing, and a 401 or 403 becomes one line naming what to set (`auth_error`).
+AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
 class JobsError(Exception):
@@ -62,6 +100,132 @@ def resolve_address(flag: str | None, environ: Mapping[str, str] = os.environ) -
         text, origin = DEFAULT_ADDRESS, "the default"
     text = text.strip().rstrip("/")
     return Address(text if "://" in text else f"http://{text}", origin)
+
+
+def default_token_file(environ: Mapping[str, str] = os.environ) -> Path:
+    """~/.ray/auth_token of this user: where `ray.init()` and `ray get-auth-token --generate` write the token."""
+    return Path(environ.get("HOME") or os.path.expanduser("~")) / ".ray" / "auth_token"
+
+
+@dataclass(frozen=True)
+class Token:
+    """The token Ray's loader would use in this process: `value` is None when `source` is set but unreadable."""
+
+    source: str  # "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH=/path" or the default file's path
+    value: str | None
+    problem: str = ""  # why value is None
+
+
+def find_token(environ: Mapping[str, str] = os.environ) -> Token | None:
+    """RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token (Ray's order); None when
+    none of them is set or present."""
+    if environ.get(AUTH_TOKEN, "").strip():
+        return Token(AUTH_TOKEN, environ[AUTH_TOKEN].strip())
+    named = environ.get(AUTH_TOKEN_PATH)
+    if named:
+        source = f"{AUTH_TOKEN_PATH}={named}"
+        try:
+            value = Path(named).expanduser().read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            return Token(source, None, f"{AUTH_TOKEN_PATH} names {named}, which cannot be read "
+                                       f"({getattr(err, 'strerror', None) or err})")
+        return Token(source, value) if value else Token(source, None, f"{AUTH_TOKEN_PATH} names {named}, "
+                                                                      "which is empty")
+    path = default_token_file(environ)
+    try:
+        value = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Token(str(path), value) if value else None
+
+
+def _own_addresses() -> set[str]:
+    try:
+        import psutil
+
+        return {entry.address.split("%")[0] for entries in psutil.net_if_addrs().values() for entry in entries}
+    except (ImportError, OSError):
+        return set()
+
+
+def is_local(url: str) -> bool:
+    """The job server at `url` runs on this machine: a loopback name or address, or one of this machine's own
+    names or interface addresses (no DNS lookup)."""
+    try:
+        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if host in LOOPBACK_NAMES or host == socket.gethostname().lower():
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    ip = mapped or ip
+    return ip.is_loopback or ip.is_unspecified or str(ip) in _own_addresses()
+
+
+@dataclass(frozen=True)
+class Auth:
+    """How requests to the job server authenticate (Ray token authentication; see the notes above)."""
+
+    mode: str | None  # RAY_AUTH_MODE as set here, lower case; None when unset
+    local: bool  # the job server runs on this machine
+    token: Token | None  # what Ray's loader would read here
+    send: bool  # requests carry the token (when there is one)
+
+    def headers(self) -> dict[str, str]:
+        if self.send and self.token is not None and self.token.value:
+            return {"Authorization": f"Bearer {self.token.value}"}
+        return {}
+
+
+def client_auth(address: Address, environ: Mapping[str, str] = os.environ) -> Auth:
+    """The token goes with the requests when RAY_AUTH_MODE=token, or when RAY_AUTH_MODE is unset and the job
+    server is on this machine (what ray.init() does for a local cluster); never to a remote address on its own,
+    never against an explicit RAY_AUTH_MODE=disabled. A token source that is set but unreadable is an error
+    when the token would be sent (Ray's loader fails on it too)."""
+    mode = environ.get(AUTH_MODE)
+    mode = mode.strip().lower() if mode is not None else None
+    local = is_local(address.url)
+    token = find_token(environ)
+    send = mode == "token" or (mode is None and local)
+    if send and token is not None and token.value is None:
+        raise JobsError(f"{token.problem}; point it at the cluster's token file, or unset it to use "
+                        f"{default_token_file(environ)}")
+    return Auth(mode, local, token, send)
+
+
+def auth_error(address: Address, auth: Auth, err: BaseException,
+               environ: Mapping[str, str] = os.environ) -> JobsError:
+    """A 401 or 403 from the job server as one line: what was sent, and what to set."""
+    text = str(getattr(err, "message", None) or err)
+    where = f"the Ray job server at {address.url} (from {address.origin})"
+    file = default_token_file(environ)
+    give = (f"put the cluster's token (`ray get-auth-token` on the head prints it) in {file}, or set {AUTH_TOKEN} "
+            f"to it, or {AUTH_TOKEN_PATH} to a file holding it")
+    sent = auth.send and auth.token is not None and auth.token.value
+    if text.startswith("Authentication failed") and sent:  # 403: a token went, not this cluster's
+        return JobsError(f"{where} rejected the token from {auth.token.source}: it is not that cluster's token; "
+                         f"{give}")
+    if sent:  # 401 although a token went: a proxy dropping the header, or an odd server
+        return JobsError(f"{where} asks for a token although the one from {auth.token.source} was sent: "
+                         f"{server_reason(err)}")
+    if auth.mode not in (None, "token"):
+        found = f"the token in {auth.token.source}" if auth.token else "a token"
+        return JobsError(f"{where} requires a token (Ray token authentication is on), and {AUTH_MODE}="
+                         f"{environ.get(AUTH_MODE, '')} here sends none: unset {AUTH_MODE} (or set it to token) "
+                         f"to send {found}" + ("" if auth.token else f"; {give}"))
+    if auth.token is not None:  # remote, mode unset: a token is here but is not sent on its own
+        return JobsError(f"{where} requires a token (Ray token authentication is on); {auth.token.source} holds "
+                         f"one, but it goes to a remote address only with {AUTH_MODE}=token: set {AUTH_MODE}=token "
+                         f"(and, if it is not that cluster's token, {give})")
+    also = "" if auth.local or auth.mode == "token" else f"set {AUTH_MODE}=token and "
+    return JobsError(f"{where} requires a token (Ray token authentication is on) and none was found here: "
+                     f"{also}{give}")
 
 
 def server_reason(err: BaseException) -> str:
@@ -100,15 +264,19 @@ def _hidden(names: tuple[str, ...]) -> Iterator[None]:
 
 
 def connect(address: Address) -> JobSubmissionClient:
-    """A client for the job server at `address`, or JobsError naming it."""
+    """A client for the job server at `address`, sending the token `client_auth` chose; or JobsError naming
+    the address (nothing there) or what to set (a token is required, missing or wrong)."""
+    auth = client_auth(address)
     _probe(address)
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     with _hidden(OVERRIDING_VARIABLES):
         try:
-            return JobSubmissionClient(address.url)
-        except (OSError, RuntimeError, ValueError, AuthenticationError) as err:  # refused, 404, not Ray, token
+            return JobSubmissionClient(address.url, headers=auth.headers() or None)
+        except AuthenticationError as err:  # 401 or 403 from the job server
+            raise auth_error(address, auth, err) from None
+        except (OSError, RuntimeError, ValueError) as err:  # refused, 404, not Ray
             raise _unreachable(address, server_reason(err)) from None
 
 

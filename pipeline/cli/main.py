@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.run.hooks import NO_HOOKS, RunHooks
 
 if TYPE_CHECKING:
     from pipeline.cli.console import Console
@@ -26,6 +27,13 @@ COMMAND_MODULES: tuple[str, ...] = ("pipeline.cli.plan", "pipeline.cli.submit")
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _setup_worker_logging() -> None:
+    """Run by Ray first in each worker process of a run: Ray starts workers with Python's default logging
+    (WARNING and up), and the caption actors' INFO lines (engine start, `engine use`) belong in the run's log
+    like the driver's own. A module-level function: Ray pickles it by name."""
+    _setup_logging(verbose=False)
 
 
 class RunInterruptedError(BaseException):
@@ -44,7 +52,7 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise RunInterruptedError(signum)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, hooks: RunHooks = NO_HOOKS) -> int:
     from pipeline.io.sources import SourceError
     from pipeline.run.driver import validate_before_start
 
@@ -63,13 +71,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         with console:
             if not args.verbose:
                 console.say(f"log: {log_path}")
-            return _run_with_console(config, args, console)
+            return _run_with_console(config, args, console, hooks)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Console) -> int:
+def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Console, hooks: RunHooks) -> int:
     from pipeline.cli.console import ProgressDisplay
     from pipeline.run.driver import UnhealthyOutputError, execute, format_summary
     from pipeline.table.lease import LeaseHeldError
@@ -85,7 +93,8 @@ def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Cons
                 f"({', '.join(mode.name for mode in config.modes)})")
     try:
         summary = execute(config, overwrite=args.overwrite, retry_errors=args.retry_errors,
-                          allow_existing=args.allow_existing, on_wait=_say_waiting(console), display=display)
+                          allow_existing=args.allow_existing, on_wait=_say_waiting(console), display=display,
+                          hooks=hooks, worker_setup=_setup_worker_logging)
     except RunInterruptedError as err:
         done = shown[0].committed_images if shown else 0
         console.say(f"interrupted ({err}) after {done:,} images committed this run; nothing is lost: run the same "
@@ -98,7 +107,7 @@ def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Cons
         console.say(f"error: {err}")
         return {ForeignOutputError: 2, FingerprintMismatchError: 3, LeaseHeldError: 4}[type(err)]
     except UnhealthyOutputError as err:
-        console.result(json.dumps(err.summary) if args.json else format_summary(err.summary))
+        console.result(json.dumps(err.summary.to_dict()) if args.json else format_summary(err.summary))
         console.say(f"error: {err}")
         return 5
     except Exception as err:  # one line for people; the traceback is in the log (and on screen with -v)
@@ -108,7 +117,7 @@ def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Cons
         code, message = explain_failure(err, config.output.uri)
         console.say(f"error: {message}" + ("" if args.verbose else f" (details: {console.log_path})"))
         return code
-    console.result(json.dumps(summary) if args.json else format_summary(summary))
+    console.result(json.dumps(summary.to_dict()) if args.json else format_summary(summary))
     return 0
 
 
@@ -175,7 +184,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=1) if args.json else format_status(report))
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_status(report))
     return 0
 
 
@@ -289,21 +298,32 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     status.set_defaults(func=cmd_status)
 
-    export = commands.add_parser("export", help="write committed captions as sidecar .txt files, JSONL, or a "
-                                                "Hugging Face imagefolder")
+    export = commands.add_parser("export", help="write committed captions as sidecar .txt files, JSONL, a "
+                                                "Hugging Face imagefolder, Parquet files or WebDataset tars")
     export.add_argument("output", help="output folder or s3:// prefix of a run")
-    export.add_argument("--format", choices=("txt", "jsonl", "imagefolder"), required=True)
-    export.add_argument("--to", help="txt: target folder; jsonl: target file (.gz/.zst compress); imagefolder: a "
-                                     "local folder, new or empty")
-    export.add_argument("--modes", help="txt, imagefolder: comma-separated modes (default: all, run order)")
+    export.add_argument("--format", choices=("txt", "jsonl", "imagefolder", "parquet", "webdataset"), required=True)
+    export.add_argument("--to", help="txt: target folder; jsonl: target file (.gz/.zst compress); imagefolder, "
+                                     "parquet, webdataset: a local folder, new or empty (parquet, webdataset: or "
+                                     "their own interrupted export, which is resumed)")
+    export.add_argument("--modes", help="txt, imagefolder, parquet, webdataset: comma-separated modes (default: all, "
+                                        "run order)")
     export.add_argument("--beside-images", action="store_true",
                         help="txt: write each .txt next to its image (local folder inputs only)")
     export.add_argument("--link", action="store_true",
                         help="imagefolder: hard-link the images (symlink across file systems) instead of copying "
                              "them (local folder inputs only)")
+    export.add_argument("--extension", help="txt: the sidecar's extension instead of .txt (e.g. .caption)")
+    export.add_argument("--one-mode", metavar="MODE",
+                        help="txt: write only this mode's caption, on one line (instead of --modes)")
+    export.add_argument("--columns", help="parquet: more table columns to carry, comma-separated (e.g. "
+                                          "meta,tags_prompt)")
+    export.add_argument("--with-images", action="store_true",
+                        help="parquet: add an `image` column (Hugging Face Image feature) with each image's bytes")
+    export.add_argument("--target-size", help="parquet, webdataset: the size of each file (default 256MB for "
+                                              "parquet, 1GB for webdataset; 500MB, 1GB or bytes)")
     export.add_argument("--overwrite", action="store_true",
                         help="txt: replace existing .txt files; jsonl: replace the file; imagefolder: replace an "
-                             "earlier imagefolder export")
+                             "earlier imagefolder export; parquet, webdataset: start an earlier export over")
     export.set_defaults(func=cmd_export)
 
     gallery = commands.add_parser("gallery", help="write a static HTML page reviewing a sample of captions")
@@ -341,8 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, hooks: RunHooks = NO_HOOKS) -> int:
+    """The CLI. `hooks` reach into a run (tests/launch.py passes them; the `pipeline` command passes none)."""
     args = build_parser().parse_args(argv)
-    if args.func is not cmd_run:  # a run sets up its own console and log file
-        _setup_logging(args.verbose)
+    if args.func is cmd_run:  # a run sets up its own console and log file
+        return cmd_run(args, hooks)
+    _setup_logging(args.verbose)
     return int(args.func(args))

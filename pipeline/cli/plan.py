@@ -20,7 +20,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cli.plan_report import format_plan
+from pipeline.cli.plan_report import PlanReport, PlanSeconds, ReadSummary, format_plan
 from pipeline.run.estimate import DEFAULT_SAMPLE, assumed_gpus, estimate, output_budget, share_interval
 
 if TYPE_CHECKING:
@@ -42,9 +42,9 @@ def image_count(found: Survey) -> tuple[int | None, bool]:
     return listed.images + round(listed.unsized * read.unsized_rows / read.unsized_read), True
 
 
-def report(config: RunConfig, layout: Layout, found: Survey, rate: float | None, gpus: int | None) -> dict[str, Any]:
-    """The plan as a JSON-able dict (what `--json` prints, and what the table is made from). What was not
-    all read is extrapolated from the sample, and says so (`*_estimated`)."""
+def report(config: RunConfig, layout: Layout, found: Survey, rate: float | None, gpus: int | None) -> PlanReport:
+    """The plan (`to_dict()` is what `--json` prints; the table is made from it too). What was not all read
+    is extrapolated from the sample, and says so (`*_estimated`)."""
     tally, whole = found.read.tally, found.read.whole
     images, images_estimated = image_count(found)
     share = tally.broken / tally.rows if tally.rows else None
@@ -59,17 +59,17 @@ def report(config: RunConfig, layout: Layout, found: Survey, rate: float | None,
     to_caption = None if images is None else images - (broken or 0)  # broken files cost no GPU time
     guess = None if to_caption is None else estimate(
         to_caption, output_budget(config), rate, gpus or assumed_gpus(config),
-        fixed_length=config.defaults.fixed_length, max_attempts=config.quality.max_attempts).to_dict()
-    return {
-        "input": config.input.uri, "format": layout.format, "layout": layout.origin,
-        "shards": found.listed.shards, "shard_size": config.input.shard_size, "unsized_shards": found.listed.unsized,
-        "images": images, "images_estimated": images_estimated, "bytes": size, "bytes_estimated": size_estimated,
-        "extensions": dict(found.listed.extensions.most_common()),
-        "read": {"everything": whole, "sample": found.sample, **tally.to_dict()},
-        "broken": broken, "broken_share": None if share is None else round(share, 6), "broken_estimated": not whole,
-        "broken_range": broken_range,
-        "estimate": guess, "seconds": found.seconds,
-    }
+        fixed_length=config.defaults.fixed_length, max_attempts=config.quality.max_attempts)
+    return PlanReport(
+        input=config.input.uri, format=layout.format, layout=layout.origin,
+        shards=found.listed.shards, shard_size=config.input.shard_size, unsized_shards=found.listed.unsized,
+        images=images, images_estimated=images_estimated, bytes=size, bytes_estimated=size_estimated,
+        extensions=dict(found.listed.extensions.most_common()),
+        read=ReadSummary.of(tally, whole, found.sample),
+        broken=broken, broken_share=None if share is None else round(share, 6), broken_estimated=not whole,
+        broken_range=broken_range,
+        estimate=guess, seconds=PlanSeconds(**found.seconds),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -132,7 +132,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {one_line(f'{type(err).__name__}: {err}')}", file=sys.stderr)
         return 2
     plan = report(config, layout, found, args.rate, args.gpus)
-    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
     return 0
 
 

@@ -11,6 +11,10 @@ machine, the runtime env. What travels with the job:
   cluster runs the code you have; `--code installed` uses the cluster's own installed package instead;
 - the dependencies only when asked (`--install cpu|cuda`: a runtime-env pip list). By default the
   cluster's Python already has them (an image built with `pip install '.[cuda]'`).
+
+The job server is reached as `pipeline jobs` reaches it (`connect` in pipeline/cli/jobs.py): the address,
+and Ray's authentication token for a token-protected cluster (found here for a job server on this machine,
+as `ray.init()` finds it; a missing or wrong one is one line naming what to set, exit 2).
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ def _format_errors(err: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"  {where}: {message}")
-    return "invalid config:\n" + "\n".join(lines)
+        lines.append(f"{where}: {message}")
+    return "invalid config: " + "; ".join(lines)  # one line, like every error the console prints
 
 
 def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -82,6 +82,8 @@ class ComputeConfig(Strict):
                                  "wait ends the actor, and Ray replaces it.")
     device_wait_s: float = Field(120.0, ge=0, description="GPU engines: how long a new actor waits for its GPU's "
                                                          "memory to be freed by the engine it replaces.")
+    engine_report_s: float = Field(60.0, ge=0, description="Seconds between the actor's `engine use` log lines; 0 "
+                                                         "logs after every batch.")
     commit_threads: int = Field(4, ge=0, le=64, description="Shard commits in flight at once on the driver's "
                                                            "commit threads (merge, part file, marker: mostly I/O, so "
                                                            "storage latencies overlap); 0 commits on the driver's "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -42,9 +43,9 @@ from pipeline.engine.admission import (
     Job,
     run_batch,
 )
+from pipeline.engine.hooks import EngineHook
 from pipeline.engine.loop import EngineLoop
 from pipeline.table.schema import in_flight_schema, to_table
-from pipeline.testing.faults import with_faults
 
 log = logging.getLogger("pipeline.engine.actor")
 
@@ -85,8 +86,16 @@ def cpu_engine_threads(model: ModelConfig) -> int:
     return len(allowed(0)) if allowed else os.cpu_count() or 1
 
 
-# Whether the user chose vLLM's process layout; otherwise prepare_environment picks it per process.
-_LAYOUT_CHOSEN_BY_USER = "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ
+LAYOUT_VARIABLE = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM's process layout; setting it yourself overrides the choice
+
+
+@functools.cache
+def layout_chosen_by_user() -> bool:
+    """Whether the user set vLLM's process layout; otherwise prepare_environment picks it per process.
+
+    Read the first time an engine is prepared and kept: after that, the variable holds this process's own
+    choice, which must not pass for the user's when a second engine is prepared."""
+    return LAYOUT_VARIABLE in os.environ
 
 
 def module_blocking_in_process_engine() -> str | None:
@@ -124,12 +133,12 @@ def prepare_environment(model: ModelConfig, on_gpu: bool) -> None:
         # small node that halves the compute and leaves Ray and decoding fighting the spinner for
         # the spare core (measured on 2 cores: 1.2 images/s, against 2.4 in-process on both).
         # In-process, the scheduler runs between model steps on the same threads.
-        if not _LAYOUT_CHOSEN_BY_USER:
+        if not layout_chosen_by_user():
             blocker = module_blocking_in_process_engine()
             if blocker:
                 log.warning("CPU engine in its own process (vLLM's default layout, slower): module %s has a "
                             "global that vLLM's in-process start cannot inspect", blocker)
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if blocker else "0"
+            os.environ[LAYOUT_VARIABLE] = "1" if blocker else "0"
         import torch
 
         # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); the engine is the one heavy
@@ -213,10 +222,6 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-# How often a caption actor logs its engine's use (after a batch); the benchmark sets 0 for every batch.
-ENGINE_REPORT_EVERY_S = float(os.environ.get("PIPELINE_ENGINE_REPORT_S", "60"))
-
-
 class EngineStartError(RuntimeError):
     """The vLLM engine could not be created (bad model path or config, not enough memory, ...)."""
 
@@ -240,21 +245,11 @@ class Refused:
     reason: str
 
 
-def log_from_ray_worker() -> None:
-    """Ray starts workers with Python's default logging (WARNING and up); show this actor's INFO lines
-    (engine start, restarts) in the driver's and the job's log like the driver's own."""
-    import ray
-
-    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
-
-
 class CaptionActor:
     """`map_batches` UDF: numpy batch of prepared images in, the same rows with captions out."""
 
-    def __init__(self, config_json: str) -> None:
-        log_from_ray_worker()
+    def __init__(self, config_json: str, engine_hook: EngineHook | None = None) -> None:
+        """`engine_hook` wraps the engine once built (tests make it fail on cue: pipeline/engine/hooks.py)."""
         self.config = RunConfig.model_validate_json(config_json)
         self.modes: list[ResolvedMode] = self.config.resolved_modes()
         self.schema = in_flight_schema([mode.name for mode in self.modes])
@@ -269,7 +264,7 @@ class CaptionActor:
 
         def build() -> Any:  # on the engine loop's thread: see pipeline.engine.loop on why
             self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
-            return with_faults(self.llm.llm_engine)
+            return engine_hook.wrap(self.llm.llm_engine) if engine_hook is not None else self.llm.llm_engine
 
         try:
             self.loop = EngineLoop(build=build)
@@ -288,7 +283,7 @@ class CaptionActor:
         self.gate = AdmissionGate(requests_in_flight_target(self.config, self.llm.llm_engine))
         self.admission_stats = AdmissionStats()
         self._ready_at = time.monotonic()
-        self._reported_at = -float("inf")  # the first batch reports, then every ENGINE_REPORT_EVERY_S
+        self._reported_at = -float("inf")  # the first batch reports, then every compute.engine_report_s
         # The Unix time lets a benchmark line the engine's start up with the driver's commit times.
         log.info("engine ready in %.1fs (%s, at %.3f); %d requests in flight at most", time.monotonic() - started,
                  "GPU" if on_gpu else "CPU", time.time(), self.gate.target)
@@ -391,11 +386,11 @@ class CaptionActor:
         self._report_engine_use()
         return to_table(columns, self.schema)
 
-    def _report_engine_use(self, every_s: float = ENGINE_REPORT_EVERY_S) -> None:
-        """Log how busy the engine was kept: idle time is time it had no request at all, the engine
-        starved by the stages before it (or by the run's end)."""
+    def _report_engine_use(self, every_s: float | None = None) -> None:
+        """Log how busy the engine was kept, at most every `every_s` (default compute.engine_report_s): idle
+        time is time it had no request at all, the engine starved by the stages before it (or by the run's end)."""
         now = time.monotonic()
-        if now - self._reported_at < every_s:
+        if now - self._reported_at < (self.config.compute.engine_report_s if every_s is None else every_s):
             return
         self._reported_at = now
         since = now - self._ready_at

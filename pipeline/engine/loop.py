@@ -52,14 +52,17 @@ class EngineLoopStoppedError(RuntimeError):
 class EngineLoop:
     """Feeds one `vllm.LLMEngine` from any number of threads; finished outputs resolve futures."""
 
-    def __init__(self, engine: Any = None, *, build: Callable[[], Any] | None = None) -> None:
+    def __init__(self, engine: Any = None, *, build: Callable[[], Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """Drive `engine`, or the engine `build()` returns when called on the loop's own thread (it returns
-        once the engine is built, and raises what `build` raised)."""
+        once the engine is built, and raises what `build` raised). `clock` times idling and stalls (tests
+        drive a fake one)."""
         from vllm.sampling_params import RequestOutputKind
 
         if (engine is None) == (build is None):
             raise ValueError("EngineLoop needs an engine or a build function, not both")
         self._engine = engine
+        self._clock = clock
         self._final_only = RequestOutputKind.FINAL_ONLY
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -111,7 +114,7 @@ class EngineLoop:
         """Seconds the engine step in progress has run (0 between steps or when idle). A healthy engine step
         takes milliseconds on a GPU and seconds on a CPU; minutes mean the engine hangs."""
         started = self._step_started
-        return 0.0 if started is None else time.monotonic() - started
+        return 0.0 if started is None else self._clock() - started
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop thread; requests still waiting fail with EngineLoopStoppedError."""
@@ -151,10 +154,10 @@ class EngineLoop:
         """Add queued requests, run one engine step, resolve finished requests. False when stopping."""
         with self._lock:
             if not self._stopping and not self._incoming and not self._waiting:
-                idle_from = time.monotonic()
+                idle_from = self._clock()
                 while not self._stopping and not self._incoming and not self._waiting:
                     self._wake.wait()
-                self.idle_s += time.monotonic() - idle_from
+                self.idle_s += self._clock() - idle_from
             if self._stopping:
                 return False
             incoming, self._incoming = self._incoming, deque()
@@ -169,7 +172,7 @@ class EngineLoop:
         if not self._engine.has_unfinished_requests():
             self._fail_orphans()
             return True
-        self._step_started = time.monotonic()
+        self._step_started = self._clock()
         outputs = self._engine.step()
         self._step_started = None
         self.steps += 1

@@ -9,10 +9,11 @@ the folder, unique and safe from the loader's split inference (names.py). Error 
 are skipped (counted); a row whose image cannot be read again from the input is skipped and counted too.
 
 Never a surprise: the folder is built under a hidden temporary name beside DIR and renamed into place at
-the end, so DIR is either untouched (a failed or interrupted export leaves it as it was) or the whole
-export. A non-empty DIR is refused unless `overwrite`, and even then only an earlier imagefolder (a
-`metadata.jsonl` at its root) is replaced (moved aside, the new one renamed in, the old one deleted), never
-a folder of other files, nor one holding the run's input or output; a DIR inside the input is refused too.
+the end (pipeline.io.fs's `atomic_folder`), so DIR is either untouched (a failed or interrupted export
+leaves it as it was) or the whole export. A non-empty DIR is refused unless `overwrite`, and even then only
+an earlier imagefolder (a `metadata.jsonl` at its root) is replaced (moved aside, the new one renamed in,
+the old one deleted), never a folder of other files, nor one holding the run's input or output; a DIR
+inside the input is refused too.
 
 Streamed: one record batch of a shard at a time (for a tar or Parquet shard, its wanted keys and lines while
 its file is read again), and a bounded window of copies in flight.
@@ -25,8 +26,6 @@ import json
 import logging
 import os
 import posixpath
-import shutil
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from pipeline.exports.sources import (
 )
 from pipeline.exports.table import Output, check_modes, open_output, shard_batches
 from pipeline.exports.targets import TargetError
-from pipeline.io.fs import is_local, open_fs
+from pipeline.io.fs import atomic_folder, is_local, open_fs
 
 log = logging.getLogger("pipeline.exports.imagefolder")
 METADATA = "metadata.jsonl"
@@ -234,18 +233,6 @@ def _write(data: bytes, destination: str) -> None:
     write_file(destination, data)
 
 
-def _swap_in(staging: str, path: str) -> None:
-    """Put the finished folder at `path`: a rename, so readers see the old folder or the new one."""
-    if not os.path.isdir(path) or _empty(path):
-        os.replace(staging, path)  # a missing or empty folder is replaced in one step
-        return
-    parent, name = os.path.split(path)
-    old = os.path.join(parent, f".old-{uuid.uuid4().hex}-{name}")
-    os.rename(path, old)
-    os.rename(staging, path)
-    shutil.rmtree(old)
-
-
 def export_imagefolder(output_uri: str, target_dir: str, modes: list[str] | None = None,
                        storage_options: dict[str, Any] | None = None, *,
                        input_storage_options: dict[str, Any] | None = None, link: bool = False,
@@ -257,17 +244,8 @@ def export_imagefolder(output_uri: str, target_dir: str, modes: list[str] | None
     check_columns(modes)
     access = input_access(output, input_storage_options, storage_options, link)
     path = check_target(target_dir, overwrite, output, access)
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
-    os.mkdir(staging)
-    try:
-        counts = _Builder(output, modes, staging, access).build()
-        _swap_in(staging, path)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
-    return counts
+    with atomic_folder(path) as staging:  # built beside `path`, renamed in whole at the end
+        return _Builder(output, modes, staging, access).build()
 
 
 def describe_counts(counts: ImagefolderCounts, target_dir: str) -> str:

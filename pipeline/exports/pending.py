@@ -9,26 +9,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.table.records import StatusReport
+
 
 def _count(number: int, noun: str) -> str:
     return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
-def describe_pending(report: dict[str, Any], holder: str = "this export holds") -> str | None:
+def describe_pending(report: StatusReport, holder: str = "this export holds") -> str | None:
     """One line for a `pipeline.table.status.status` report of an unfinished output; None when it is finished."""
-    done = int(report["images_done"])
-    if report["plan_complete"] and not report["shards_pending"]:
+    done = report.images_done
+    if report.finished:
         return None
     head = "note: the output is not finished: "
-    if not report["plan_complete"]:
-        return (f"{head}its run is still planning ({_count(report['shards_committed'], 'shard')} committed so "
+    if not report.plan_complete:
+        return (f"{head}its run is still planning ({_count(report.shards_committed, 'shard')} committed so "
                 f"far); {holder} the {_count(done, 'image')} committed")
-    known = int(report.get("images_known") or 0)
+    known = report.images_known or 0
     if known and known >= done:
         return (f"{head}{known - done:,} of {known:,} planned images are not committed yet; "
                 f"{holder} the {done:,} committed")
     # Tar shards count their images only once read: say it in shards.
-    return (f"{head}{report['shards_pending']:,} of {_count(report['shards_planned'], 'planned shard')} are not "
+    return (f"{head}{report.shards_pending:,} of {_count(report.shards_planned, 'planned shard')} are not "
             f"committed yet; {holder} the {_count(done, 'image')} committed")
 
 

@@ -23,6 +23,7 @@ from pipeline.config import InputConfig
 from pipeline.exports.table import Output
 from pipeline.io.fs import is_local, open_fs, read_bytes, read_input
 from pipeline.io.shards import Record, Shard
+from pipeline.table.names import plan_path
 
 ARCHIVE_FORMATS = ("webdataset", "parquet")
 
@@ -92,7 +93,7 @@ def planned_shard(output: Output, shard_id: str) -> Shard:
     try:
         return Shard.from_json(read_bytes(ledger.fs, ledger.plan_path(shard_id)).decode("utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{output.uri}: no plan for shard {shard_id} (_plan/{shard_id}.json), so the "
+        raise FileNotFoundError(f"{output.uri}: no plan for shard {shard_id} ({plan_path('', shard_id)}), so the "
                                 "images inside its container cannot be found again") from None
 
 

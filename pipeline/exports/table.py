@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.fs import to_uri
-from pipeline.table.fragments import part_path
-from pipeline.table.ledger import MANIFEST, Ledger
+from pipeline.table.ledger import Ledger
+from pipeline.table.names import MANIFEST, part_path
 
 log = logging.getLogger("pipeline.exports")
 BATCH_ROWS = 512

@@ -19,11 +19,15 @@ files. Hidden names (a leading dot) are skipped, locally and on S3.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import shutil
+import tempfile
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -31,9 +35,15 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.io.retry import RETRY, RetryingReader, RetryPolicy, TransientStorageError, is_transient, retrying
 from pipeline.io.walk import walk_files
 
-__all__ = ["RETRY", "RetryPolicy", "RetryingReader", "TransientStorageError", "is_local", "is_transient", "join",
-           "list_names", "open_fs", "read_bytes", "read_input", "remove_tree", "retrying", "to_uri", "walk_files",
-           "write_atomic"]
+__all__ = ["RETRY", "TEMPORARY_PATTERN", "TEMPORARY_PREFIX", "RetryPolicy", "RetryingReader", "TransientStorageError",
+           "atomic_folder", "atomic_path", "fsync_directory", "is_local", "is_transient", "join", "list_names",
+           "open_fs", "read_bytes", "read_input", "remove_tree", "retrying", "temporary_beside", "to_uri",
+           "walk_files", "write_atomic"]
+
+# A temporary file or folder beside its target: `.tmp-<32 hex digits>-<the target's name>`. Hidden (readers and
+# listings skip a leading dot), unique per write, and recognisable as a killed write's leftover.
+TEMPORARY_PREFIX = ".tmp-"
+TEMPORARY_PATTERN = r"\.tmp-[0-9a-f]{32}-"  # the prefix as a regular expression, uuid included
 
 
 def _with_env_endpoint(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -78,27 +88,145 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not is_local(fs) else path
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Make `path` appear whole or not at all.
+# Atomic publishing: a file appears whole or not at all ----------------------------------------------------
+def temporary_beside(path: str) -> str:
+    """A fresh temporary name in `path`'s folder (see TEMPORARY_PREFIX)."""
+    directory, name = posixpath.split(path)
+    return posixpath.join(directory, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{name}")
 
-    Local: write a temporary file beside it, fsync, rename over the target. Object stores: a
-    single PUT is already atomic, readers see the old object or the new one.
+
+def fsync_directory(directory: str) -> None:
+    """Make the renames and links just done in the local folder `directory` durable: after a host crash a
+    file published there exists with its content, or not at all (and a marker published after a part file
+    cannot outlive it). Skipped where a folder cannot be opened or synced (Windows, some FUSE mounts)."""
+    try:
+        descriptor = os.open(directory or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_file(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _exists_error(path: str) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, "exists already, and this write never replaces a file", path)
+
+
+def _publish_local(temporary: str, path: str, replace: bool) -> None:
+    """Put the complete, synced `temporary` at `path` in one step, then sync the folder."""
+    if replace:
+        os.replace(temporary, path)
+    else:
+        try:
+            os.link(temporary, path)  # unlike a rename, never replaces what is there: FileExistsError
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check, then rename (not atomic together)
+            if os.path.lexists(path):
+                raise _exists_error(path) from None
+            os.rename(temporary, path)
+    fsync_directory(posixpath.dirname(path))
+
+
+@contextmanager
+def atomic_path(fs: fsspec.AbstractFileSystem, path: str, replace: bool = True) -> Iterator[str]:
+    """A local file to write `path`'s new content to; leaving the block without an error publishes it whole.
+
+    Local: the file is a temporary one beside `path`; it is fsynced, renamed over `path` (or, without
+    `replace`, hard-linked to it, which fails rather than replace a file there) and the folder fsynced.
+    Other file systems: the file is a local temporary one, uploaded once, whole (without `replace`, an
+    existing object is refused first: best effort, not atomic with the upload). Without `replace` a file
+    already at `path` raises FileExistsError and nothing is written. On an error nothing is published, and
+    the temporary file is removed either way.
     """
-    if not is_local(fs):
+    local = is_local(fs)
+    if local:
+        directory = posixpath.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        temporary = temporary_beside(path)
+    else:
+        handle, temporary = tempfile.mkstemp(prefix="pipeline-", suffix=f"-{posixpath.basename(path)}")
+        os.close(handle)
+    try:
+        yield temporary
+        if local:
+            _fsync_file(temporary)
+            _publish_local(temporary, path, replace)
+        else:
+            if not replace and fs.exists(path):
+                raise _exists_error(path)
+            fs.put_file(temporary, path)
+    finally:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
+
+
+Writer = Callable[[BinaryIO], None]
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | Writer, replace: bool = True) -> None:
+    """Make `path` appear whole or not at all, holding `data`: bytes, or a callback that writes them to the
+    binary file it is given (for content too big to hold in memory).
+
+    Locally through a temporary file beside it (`atomic_path`: fsync, rename, fsync of the folder). On
+    object stores bytes go up in a single PUT, already atomic: readers see the old object or the new one.
+    Without `replace` an existing file raises FileExistsError (locally atomic, elsewhere best effort).
+    """
+    if not callable(data) and not is_local(fs):
+        if not replace and fs.exists(path):
+            raise _exists_error(path)
         fs.pipe_file(path, data)
         return
-    directory = posixpath.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    temporary = posixpath.join(directory, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    try:
-        with open(temporary, "wb") as handle:
+    with atomic_path(fs, path, replace) as temporary, open(temporary, "wb") as handle:
+        if callable(data):
+            data(handle)
+        else:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+
+
+def _empty_folder(folder: str) -> bool:
+    with os.scandir(folder) as entries:
+        return next(entries, None) is None
+
+
+@contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """A new local folder to fill, beside `path`; leaving the block without an error puts it at `path` by
+    renames, so readers see the old folder or the new one, never a half-built one (a folder already at
+    `path` is moved aside, the new one renamed in, the old one deleted). On an error `path` is left as it
+    was and the new folder is deleted. Whether `path` may be replaced is the caller's to check."""
+    parent = posixpath.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    staging = temporary_beside(path)
+    os.mkdir(staging)
+    try:
+        yield staging
+        if not os.path.isdir(path) or _empty_folder(path):
+            os.replace(staging, path)  # a missing or empty folder is replaced in one step
+            fsync_directory(parent)
+        else:
+            old = posixpath.join(parent, f".old-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            os.rename(path, old)
+            os.rename(staging, path)
+            fsync_directory(parent)
+            shutil.rmtree(old)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 import fsspec
 
+from pipeline.config.limits import READ_ATTEMPTS, READ_RETRY_BASE_DELAY_S, READ_RETRY_MAX_DELAY_S
+
 log = logging.getLogger("pipeline.io")
 T = TypeVar("T")
 
@@ -42,11 +44,12 @@ class TransientStorageError(RuntimeError):
 
 @dataclass
 class RetryPolicy:
-    """How `retrying` waits by default; tests shorten the delays by setting these attributes."""
+    """How `retrying` waits by default (pipeline.config.limits gives the reasons); tests shorten the delays by
+    setting these attributes."""
 
-    attempts: int = 6
-    base_delay: float = 0.5  # seconds before the second attempt; doubled for each later one
-    max_delay: float = 20.0
+    attempts: int = READ_ATTEMPTS
+    base_delay: float = READ_RETRY_BASE_DELAY_S  # seconds before the second attempt; doubled for each later one
+    max_delay: float = READ_RETRY_MAX_DELAY_S
 
 
 RETRY = RetryPolicy()

@@ -16,30 +16,22 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.config.limits import COMMIT_TASK_RETRIES
+from pipeline.run.hooks import AFTER_PART_FILE, NO_HOOKS, RunHooks
 from pipeline.run.progress import Progress
 from pipeline.table.fragments import IncompleteShardError, merge_shard
 from pipeline.table.lease import OutputLease
 from pipeline.table.ledger import Ledger
-from pipeline.table.manifest import run_metadata
+from pipeline.table.manifest import RunMetadata
 from pipeline.table.records import Marker
 from pipeline.table.schema import output_schema
 
 log = logging.getLogger("pipeline.run.commit")
-
-
-def _failpoint(name: str) -> None:
-    """Hold the commit at a named moment when PIPELINE_FAILPOINT=name:seconds is set: the crash tests use it
-    to SIGKILL a run exactly there (between a part file and its marker), a window too short to hit by
-    polling. Unset, it costs one dictionary look-up."""
-    setting = os.environ.get("PIPELINE_FAILPOINT", "")
-    if setting.partition(":")[0] == name:
-        time.sleep(float(setting.partition(":")[2] or 1))
 
 
 @dataclass(frozen=True)
@@ -50,9 +42,10 @@ class CommitRequest:
     output_uri: str
     storage_options: dict[str, Any]
     mode_names: list[str]
-    metadata: dict[str, Any]
+    metadata: RunMetadata  # the run's: stamped on the part file, its fingerprint on the marker
     keep_committed: bool  # re-captioning a committed shard's error rows: its other rows stay
     ready_at: float  # wall time the shard's last key reached the driver
+    hooks: RunHooks = NO_HOOKS  # shipped with the request: a commit task calls them in its own process
 
 
 @dataclass(frozen=True)
@@ -78,13 +71,14 @@ def _commit(request: CommitRequest) -> CommitResult:
     schema = output_schema(request.mode_names)
     try:
         table = merge_shard(request.output_uri, request.storage_options, request.shard, schema,
-                            request.metadata, keep_committed=request.keep_committed)
+                            request.metadata.to_dict(), keep_committed=request.keep_committed)
     except IncompleteShardError as err:
         ledger.clear_staging(request.shard)
         return CommitResult(request.shard, None, str(err))
-    _failpoint("after_part_file")
+    # The crash tests hold the commit here, a window too short to hit by polling, to kill the run in it.
+    request.hooks.at(AFTER_PART_FILE)
     now = time.time()
-    marker = Marker.of_table(request.shard, table, request.mode_names, fingerprint=request.metadata["fingerprint"],
+    marker = Marker.of_table(request.shard, table, request.mode_names, fingerprint=request.metadata.fingerprint,
                              committed_at=now, commit_s=round(now - request.ready_at, 4))
     ledger.write_marker(marker)
     ledger.clear_staging(request.shard)
@@ -109,10 +103,13 @@ class Committer:
     in_flight: dict[Any, str] = field(default_factory=dict)  # commit (thread future or Ray ref) -> shard
     handed: set[str] = field(default_factory=set)  # shards handed to a commit this pass
     commit_cpu_s: float = 0.0  # CPU the commits spent, wherever they ran
+    hooks: RunHooks = NO_HOOKS  # handed to every commit (tests hold one at a named moment)
+    metadata: RunMetadata | None = None  # the run's, made once by the driver; made here when not given
 
     def __post_init__(self) -> None:
         self.mode_names = [mode.name for mode in self.config.modes]
-        self.metadata = run_metadata(self.config)
+        if self.metadata is None:
+            self.metadata = RunMetadata.of(self.config)
         self.tasks = self.config.compute.commit_tasks
         self.threads = 0 if self.tasks else self.config.compute.commit_threads
         self.limit = self.tasks or self.threads
@@ -147,7 +144,7 @@ class Committer:
             self.lease.check()  # never start a commit beside a run that took the output over
         self.handed.add(shard)
         request = CommitRequest(shard, self.config.output.uri, self.config.output.storage_options, self.mode_names,
-                                self.metadata, shard in self.retrying, time.time())
+                                self.metadata, shard in self.retrying, time.time(), self.hooks)
         if self.limit == 0:
             self._done(commit_shard(request))
             return
@@ -164,7 +161,7 @@ class Committer:
 
             # No CPU reserved: commits are short and mostly I/O, and `commit_tasks` bounds them; a CPU
             # request would queue them behind the read tasks that fill every CPU.
-            self._task = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+            self._task = ray.remote(num_cpus=0, max_retries=COMMIT_TASK_RETRIES)(commit_shard)
         return self._task
 
     def _threads(self) -> concurrent.futures.ThreadPoolExecutor:

@@ -20,22 +20,24 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.config.limits import MAX_PASSES, READ_TASK_RETRIES
 from pipeline.engine.actor import CaptionActor
 from pipeline.io.fs import TransientStorageError
 from pipeline.run.commit import Committer
+from pipeline.run.hooks import NO_HOOKS, RunHooks
 from pipeline.run.planning import prepare_output
 from pipeline.run.progress import Progress
+from pipeline.run.records import CommitStats, RunSummary, WorkItem
 from pipeline.run.stages import read_and_prepare, write_stage
 from pipeline.table.lease import LeaseInfo, OutputLease
 from pipeline.table.ledger import Ledger
-from pipeline.table.manifest import public_config, run_metadata
-from pipeline.table.records import Totals
+from pipeline.table.manifest import RunMetadata
+from pipeline.table.records import Marker, Totals, WriteReport
 
 log = logging.getLogger("pipeline.run.driver")
-READ_TASK_RETRIES = 3  # times Ray re-runs a read task that storage failed
 
 
-def _init_ray(config: RunConfig) -> None:
+def _init_ray(config: RunConfig, worker_setup: Callable[[], None] | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -43,10 +45,12 @@ def _init_ray(config: RunConfig) -> None:
     # Ray's driver installs a SIGTERM handler of its own; the run's (cli.py: one line, exit 143) stays.
     on_sigterm = signal.getsignal(signal.SIGTERM)
     address = config.compute.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"worker_process_setup_hook": worker_setup} if worker_setup is not None else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=config.compute.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=config.compute.num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env=runtime_env)
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
     context = ray.data.DataContext.get_current()
@@ -106,17 +110,18 @@ def caption_pool(actors: int, batches_in_flight: int) -> tuple[Any, dict[str, An
     return ActorPoolStrategy(**kwargs), {"max_concurrency": batches_in_flight}
 
 
-MAX_PASSES = 3  # a pass redoes the shards the previous one could not commit
-
-
 def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = False, allow_existing: bool = False,
             on_wait: Callable[[LeaseInfo, float], None] | None = None,
             captioner: type = CaptionActor,
-            display: Callable[[Progress], AbstractContextManager[Any]] | None = None) -> dict[str, Any]:
+            display: Callable[[Progress], AbstractContextManager[Any]] | None = None,
+            hooks: RunHooks = NO_HOOKS, worker_setup: Callable[[], None] | None = None) -> RunSummary:
     """Run the pipeline to completion under the output's lease and return the summary.
 
     `captioner` is the caption actor class (benchmarks swap in an instant stand-in to measure the rest);
-    `display` draws the progress while the passes run (the console's live line)."""
+    `display` draws the progress while the passes run (the console's live line); `hooks` reach into the
+    caption actors' engines and the commits (tests only: run/hooks.py); `worker_setup` runs first in each
+    Ray worker process when this run starts Ray (the CLI sets up the workers' logging with it: a library
+    leaves logging to its caller)."""
     started = time.monotonic()
     ledger = Ledger(config.output.uri, config.output.storage_options)
     ledger.check_target(allow_existing)  # a foreign folder is refused before the lease is written
@@ -124,11 +129,13 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
     lease.acquire(wait=True, on_wait=on_wait)  # before anything is written; LeaseHeldError if live
     try:
         lease.start_heartbeat()
-        manifest = {"fingerprint": config.fingerprint(), **run_metadata(config), "config": public_config(config)}
-        work = prepare_output(ledger, config, manifest, overwrite, retry_errors)
+        metadata = RunMetadata.of(config)  # the config's fingerprint, computed once for the whole run
+        work = prepare_output(ledger, config, metadata.manifest(config), overwrite, retry_errors,
+                              fingerprint=metadata.fingerprint)
         progress = Progress(total_shards=work.plan["shards"], done_shards=work.plan["shards"] - len(work.pending),
                             images_known=work.plan.get("images_known", 0), mode_names=[m.name for m in config.modes])
-        committer = Committer(config, ledger, progress, lease, retrying=set(work.retry))
+        committer = Committer(config, ledger, progress, lease, retrying=set(work.retry), hooks=hooks,
+                              metadata=metadata)
         items, loop_cpu_s = work.items(), 0.0
         with contextlib.ExitStack() as stack:
             stack.callback(committer.close)  # commits in flight finish (or are cancelled) on every exit path
@@ -139,38 +146,42 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
                     break
                 if attempt > 1:
                     log.warning("pass %d: redoing %d shards that did not commit", attempt, len(items))
-                loop_cpu_s += _run_pass(config, items, committer, captioner)
+                loop_cpu_s += _run_pass(config, items, committer, captioner, hooks, worker_setup)
                 redo = set(committer.take_unfinished())
-                items = [item for item in items if item["shard"] in redo]
+                items = [item for item in items if item.shard in redo]
         if items:
             raise RuntimeError(f"{len(items)} shards did not commit after {MAX_PASSES} passes (e.g. "
-                               f"{items[0]['shard']}); see the log, then re-run to finish them")
+                               f"{items[0].shard}); see the log, then re-run to finish them")
         lease.check()
-        summary = summarise(ledger, config, time.monotonic() - started, committer, loop_cpu_s)
-        ledger.write_manifest({**(ledger.manifest() or {}), "last_summary": summary, "updated_at": time.time()})
+        summary = summarise(ledger, config, time.monotonic() - started, committer, loop_cpu_s,
+                            fingerprint=metadata.fingerprint)
+        ledger.write_manifest({**(ledger.manifest() or {}), "last_summary": summary.to_dict(),
+                               "updated_at": time.time()})
         check_health(summary, config.quality.max_error_share)
         return summary
     finally:
         lease.release()
 
 
-def _run_pass(config: RunConfig, items: list[dict[str, Any]], committer: Committer, captioner: type) -> float:
+def _run_pass(config: RunConfig, items: list[WorkItem], committer: Committer, captioner: type,
+              hooks: RunHooks, worker_setup: Callable[[], None] | None) -> float:
     """One Ray Data execution over `items`: read, caption, write fragments, commit as shards complete.
     Returns the CPU seconds the driver's own loop spent (bookkeeping, and reading the write reports)."""
     import ray
 
-    _init_ray(config)
+    _init_ray(config, worker_setup)
     actors, gpus_per_actor = _actor_resources(config)
     config_json = config.model_dump_json()
     output = (config.output.uri, config.output.storage_options)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Work items cross into Ray Data as plain rows; read_and_prepare reads them back (WorkItem.from_row).
+    ds = ray.data.from_items([item.to_row() for item in items], override_num_blocks=len(items))
     # A storage error that outlived the reader's own retries fails the read task; Ray runs it again.
     ds = ds.map_batches(read_and_prepare, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"config_json": config_json, "output_uri": output[0]},
                         num_cpus=config.compute.decode_cpus, max_retries=READ_TASK_RETRIES,
                         retry_exceptions=[TransientStorageError])
     pool, concurrency_args = caption_pool(actors, batches_in_flight(config, gpus_per_actor))
-    ds = ds.map_batches(captioner, fn_constructor_kwargs={"config_json": config_json},
+    ds = ds.map_batches(captioner, fn_constructor_kwargs=_captioner_kwargs(config_json, hooks),
                         batch_size=config.compute.batch_size, batch_format="pyarrow", compute=pool,
                         num_gpus=gpus_per_actor, num_cpus=config.compute.cpus_per_actor,
                         max_restarts=config.compute.max_actor_restarts, max_task_retries=-1,
@@ -179,49 +190,63 @@ def _run_pass(config: RunConfig, items: list[dict[str, Any]], committer: Committ
                         fn_kwargs={"output_uri": output[0], "storage_options": output[1],
                                    "config_json": config_json}, num_cpus=0.1)
     mark = time.thread_time()
-    for report in ds.iter_rows():
-        committer.add(report["shard"], report["shard_size"], list(report["keys"]))
+    for row in ds.iter_rows():
+        report = WriteReport.from_row(row)
+        committer.add(report.shard, report.shard_size, report.keys)
         committer.progress.maybe_log()
     committer.drain()
     return time.thread_time() - mark
 
 
+def _captioner_kwargs(config_json: str, hooks: RunHooks) -> dict[str, Any]:
+    """The caption actor's constructor arguments; the engine hook only when set, so a stand-in captioner
+    (the benchmarks') needs no such argument."""
+    return {"config_json": config_json, **({"engine_hook": hooks.engine} if hooks.engine is not None else {})}
+
+
 def summarise(ledger: Ledger, config: RunConfig, seconds: float, committer: Committer,
-              loop_cpu_s: float) -> dict[str, Any]:
+              loop_cpu_s: float, *, fingerprint: str | None = None) -> RunSummary:
+    """The output's totals over every committed shard, and this run's time and commit figures
+    (`fingerprint`: the config's, when the caller has it already)."""
     totals = Totals.of(ledger.markers(), [mode.name for mode in config.modes])
     now = committer.committed
-    latencies = sorted(marker.commit_s for marker in now if marker.commit_s is not None)
-    images_now = sum(marker.rows for marker in now)
-    return {
-        "output": ledger.uri,
-        "shards": totals.shards, "shards_committed_this_run": len(now),
-        "images": totals.rows, "ok": totals.ok, "errors": totals.errors, "error_reasons": totals.error_reasons,
-        "modes": totals.modes_report(), "seconds": round(seconds, 1), "fingerprint": config.fingerprint(),
-        "commits": {"per_s": round(len(now) / seconds, 3) if seconds > 0 else None,
-                    "latency_p50_s": _quantile(latencies, 0.5), "latency_p99_s": _quantile(latencies, 0.99),
-                    "driver_loop_cpu_ms_per_1000_images": round(1e6 * loop_cpu_s / images_now, 2)
-                    if images_now else None,
-                    "commit_cpu_ms_per_1000_images": round(1e6 * committer.commit_cpu_s / images_now, 2)
-                    if images_now else None,
-                    "where": committer.where},
-    }
+    return RunSummary(output=ledger.uri, shards=totals.shards, shards_committed_this_run=len(now),
+                      images=totals.rows, ok=totals.ok, errors=totals.errors, error_reasons=totals.error_reasons,
+                      modes=totals.modes_report(), seconds=round(seconds, 1),
+                      fingerprint=fingerprint or config.fingerprint(),
+                      commits=_commit_stats(now, seconds, committer, loop_cpu_s))
+
+
+def _commit_stats(committed: list[Marker], seconds: float, committer: Committer, loop_cpu_s: float) -> CommitStats:
+    """Rate and latency of this run's commits, and the driver's CPU per 1000 images they brought."""
+    latencies = sorted(marker.commit_s for marker in committed if marker.commit_s is not None)
+    images = sum(marker.rows for marker in committed)
+
+    def per_1000_images(cpu_s: float) -> float | None:
+        return round(1e6 * cpu_s / images, 2) if images else None
+
+    return CommitStats(per_s=round(len(committed) / seconds, 3) if seconds > 0 else None,
+                       latency_p50_s=_quantile(latencies, 0.5), latency_p99_s=_quantile(latencies, 0.99),
+                       driver_loop_cpu_ms_per_1000_images=per_1000_images(loop_cpu_s),
+                       commit_cpu_ms_per_1000_images=per_1000_images(committer.commit_cpu_s),
+                       where=committer.where)
 
 
 class UnhealthyOutputError(RuntimeError):
     """The run finished, but its output is mostly errors (or holds no caption at all)."""
 
-    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+    def __init__(self, message: str, summary: RunSummary) -> None:
         super().__init__(message)
         self.summary = summary
 
 
-def check_health(summary: dict[str, Any], max_error_share: float) -> None:
+def check_health(summary: RunSummary, max_error_share: float) -> None:
     """Raise UnhealthyOutputError when nothing was captioned or errors pass `max_error_share`, saying what
     most errors were; an empty output (nothing planned) is not an error."""
-    rows, ok, errors = summary["images"], summary["ok"], summary["errors"]
+    rows, ok, errors = summary.images, summary.ok, summary.errors
     if rows == 0 or (ok > 0 and errors / rows <= max_error_share):
         return
-    reasons = ", ".join(f"{reason} ({count})" for reason, count in list(summary["error_reasons"].items())[:3])
+    reasons = ", ".join(f"{reason} ({count})" for reason, count in list(summary.error_reasons.items())[:3])
     verdict = "no image was captioned" if ok == 0 else (
         f"{errors / rows:.0%} of the rows are errors, above quality.max_error_share {max_error_share:.0%}")
     raise UnhealthyOutputError(f"{verdict}: {errors} of {rows} images failed; most errors were: {reasons}. "
@@ -234,22 +259,22 @@ def _quantile(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else None
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"output      {summary['output']}",
-             f"images      {summary['images']} ({summary['ok']} captioned, {summary['errors']} errors) in "
-             f"{summary['shards']} shards ({summary['shards_committed_this_run']} committed this run)",
-             f"time        {summary['seconds']} s"]
-    for name, stats in summary["modes"].items():
-        lines.append(f"mode {name:<12} {stats['captions']} captions, {stats['tokens']} tokens, "
-                     f"glitch rate {stats['glitch_rate']:.1%} ({stats['retries']} retries)")
-    if summary.get("error_reasons"):
+def format_summary(summary: RunSummary) -> str:
+    lines = [f"output      {summary.output}",
+             f"images      {summary.images} ({summary.ok} captioned, {summary.errors} errors) in "
+             f"{summary.shards} shards ({summary.shards_committed_this_run} committed this run)",
+             f"time        {summary.seconds} s"]
+    for name, stats in summary.modes.items():
+        lines.append(f"mode {name:<12} {stats.captions} captions, {stats.tokens} tokens, "
+                     f"glitch rate {stats.glitch_rate:.1%} ({stats.retries} retries)")
+    if summary.error_reasons:
         lines.append("errors      " + ", ".join(f"{reason}: {count}"
-                                               for reason, count in list(summary["error_reasons"].items())[:5]))
-    commits = summary.get("commits") or {}
-    if commits.get("latency_p50_s") is not None:
-        where = f", on {commits['where']}" if commits.get("where") else ""
-        lines.append(f"commits     {commits['per_s']:.2f} shards/s, latency p50 {commits['latency_p50_s']:.3f} s, "
-                     f"p99 {commits['latency_p99_s']:.3f} s{where}")
+                                               for reason, count in list(summary.error_reasons.items())[:5]))
+    commits = summary.commits
+    if commits.latency_p50_s is not None:
+        where = f", on {commits.where}" if commits.where else ""
+        lines.append(f"commits     {commits.per_s:.2f} shards/s, latency p50 {commits.latency_p50_s:.3f} s, "
+                     f"p99 {commits.latency_p99_s:.3f} s{where}")
     return "\n".join(lines)
 
 

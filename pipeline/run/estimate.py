@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.table.records import reason_kind  # how run summaries and `status` count reasons
+from pipeline.table.records import known_fields, reason_kind  # reasons: as run summaries and `status` count them
 
 DEFAULT_SAMPLE = 1000  # images read and prepared unless --sample says otherwise
 REFERENCE_RATE = 16.8  # images/s per H100, the dual caption below (../shared/gpu/README.md)
@@ -160,6 +160,10 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> Estimate:
+        return cls(**known_fields(cls, value))
 
 
 def output_budget(config: RunConfig) -> list[int]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.config import RunConfig
 from pipeline.io.sources import Shard, plan_shards
+from pipeline.run.records import WorkItem
 from pipeline.table.fragments import error_keys
 from pipeline.table.ledger import Ledger
 
@@ -37,9 +38,9 @@ class WorkList:
     retry: dict[str, list[str]]
     plan: dict[str, Any]
 
-    def items(self) -> list[dict[str, Any]]:
-        return ([{"shard": shard, "only": None} for shard in self.pending]
-                + [{"shard": shard, "only": keys} for shard, keys in self.retry.items()])
+    def items(self) -> list[WorkItem]:
+        return ([WorkItem(shard) for shard in self.pending]
+                + [WorkItem(shard, keys) for shard, keys in self.retry.items()])
 
 
 def unit_hash(unit: str) -> int:
@@ -130,13 +131,14 @@ def _retry_work(ledger: Ledger, config: RunConfig) -> dict[str, list[str]]:
 
 
 def prepare_output(ledger: Ledger, config: RunConfig, manifest: dict[str, Any], overwrite: bool = False,
-                   retry_errors: bool = False) -> WorkList:
+                   retry_errors: bool = False, *, fingerprint: str | None = None) -> WorkList:
     """Check the fingerprint, plan, grow or reuse the plan, and list the work still to do.
 
+    `fingerprint` is the config's, when the caller has it already (a run computes it once: RunMetadata).
     The caller holds the output's lease: nothing here runs beside another writer."""
     if overwrite:
         ledger.wipe()
-    resuming = ledger.check_fingerprint(config.fingerprint())
+    resuming = ledger.check_fingerprint(fingerprint or config.fingerprint())
     plan = ledger.plan_complete() if resuming else None
     if not resuming:
         ledger.write_manifest({"created_at": time.time(), **manifest})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.table.records import Marker
@@ -32,6 +33,7 @@ class Progress:
     glitched: int = 0  # captions that still glitched after their retries, committed this run
     first_image_at: float | None = None
     _last_log: float = 0.0
+    clock: Callable[[], float] = time.monotonic  # tests drive a fake one
 
     @property
     def images_to_do(self) -> int:
@@ -43,7 +45,7 @@ class Progress:
 
     def images_arrived(self, count: int) -> None:
         if count and self.first_image_at is None:
-            self.first_image_at = time.monotonic()
+            self.first_image_at = self.clock()
         self.captioned += count
 
     def shard_done(self, marker: Marker) -> None:
@@ -60,7 +62,7 @@ class Progress:
         """Images/s since the first one came back (engine start-up is not captioning time)."""
         if self.first_image_at is None:
             return 0.0
-        return self.captioned / max(time.monotonic() - self.first_image_at, 1e-6)
+        return self.captioned / max(self.clock() - self.first_image_at, 1e-6)
 
     def eta_s(self) -> float | None:
         rate, left = self.image_rate(), max(0, self.images_to_do - self.captioned)
@@ -84,7 +86,7 @@ class Progress:
         return " | ".join(parts)
 
     def maybe_log(self, force: bool = False) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if force or now - self._last_log >= self.interval:
             self._last_log = now
             log.info(self.line())

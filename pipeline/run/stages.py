@@ -21,8 +21,10 @@ from pipeline.captioning.modes import ResolvedMode
 from pipeline.config import RunConfig
 from pipeline.io.fs import read_bytes
 from pipeline.io.sources import Shard, read_shard
+from pipeline.run.records import WorkItem
 from pipeline.table.fragments import write_expected, write_fragments
 from pipeline.table.ledger import Ledger
+from pipeline.table.records import WriteReport
 from pipeline.table.schema import read_schema, to_table
 
 READ_BATCH = 16  # prepared images per block leaving a read task (~7 MB)
@@ -68,15 +70,15 @@ def _rows_of(shard: Shard, config: RunConfig, only: list[str] | None = None) -> 
     yield previous
 
 
-def read_and_prepare(batch: dict[str, Any], config_json: str, output_uri: str) -> Iterator[pa.Table]:
-    """Generator UDF: shard ids in, prepared image rows out, a small batch at a time."""
+def read_and_prepare(batch: pa.Table, config_json: str, output_uri: str) -> Iterator[pa.Table]:
+    """Generator UDF: work items (`WorkItem.to_row` rows) in, prepared image rows out, a small batch at a time."""
     config = RunConfig.model_validate_json(config_json)
     ledger = Ledger(output_uri, config.output.storage_options)
     schema = read_schema()
-    for shard_id, only in zip(batch["shard"].to_pylist(), batch["only"].to_pylist(), strict=True):
-        shard = Shard.from_json(read_bytes(ledger.fs, ledger.plan_path(shard_id)).decode())
+    for item in map(WorkItem.from_row, batch.to_pylist()):
+        shard = Shard.from_json(read_bytes(ledger.fs, ledger.plan_path(item.shard)).decode())
         chunk: list[dict[str, Any]] = []
-        for row in _rows_of(shard, config, only):
+        for row in _rows_of(shard, config, item.only):
             chunk.append(row)
             if len(chunk) == READ_BATCH:
                 yield _rows_to_table(chunk, schema)
@@ -116,9 +118,9 @@ def clean_captions(batch: pa.Table, modes: tuple[ResolvedMode, ...]) -> pa.Table
 def write_stage(batch: pa.Table, output_uri: str, storage_options: dict[str, Any],
                 config_json: str | None = None) -> pa.Table:
     """Clean captions where a mode asks for it (needs `config_json`, the run's config), write the fragments,
-    and report their keys to the committer."""
+    and report their keys to the committer: one `WriteReport` row per shard (the driver reads them back with
+    `WriteReport.from_row`)."""
     if config_json is not None:
         batch = clean_captions(batch, _modes_to_clean(config_json))
-    reports = write_fragments(batch, output_uri, storage_options)
-    return pa.Table.from_pylist(reports, schema=pa.schema([("shard", pa.string()), ("shard_size", pa.int64()),
-                                                           ("keys", pa.list_(pa.string()))]))
+    reports = [WriteReport.from_row(row) for row in write_fragments(batch, output_uri, storage_options)]
+    return WriteReport.to_table(reports)

@@ -21,21 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.fs import join, list_names, open_fs, read_bytes, write_atomic
+from pipeline.table.names import expected_path, part_path, staging_dir
 from pipeline.table.schema import METADATA_KEY
-
-EXPECTED = "_expected.json"
 
 
 class IncompleteShardError(RuntimeError):
     """A shard's fragments do not hold exactly its keys; its part file is not written."""
-
-
-def staging_dir(output_root: str, shard: str) -> str:
-    return join(output_root, "_staging", shard)
-
-
-def part_path(output_root: str, shard: str) -> str:
-    return join(output_root, "data", f"part-{shard}.parquet")
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -78,12 +69,12 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def write_expected(output_uri: str, storage_options: dict[str, Any], shard: str, keys: list[str]) -> None:
     """Record the keys a read task yielded for `shard`: what its part file must hold."""
     fs, root = open_fs(output_uri, storage_options)
-    write_atomic(fs, join(staging_dir(root, shard), EXPECTED), json.dumps(sorted(keys)).encode())
+    write_atomic(fs, expected_path(root, shard), json.dumps(sorted(keys)).encode())
 
 
 def _expected_keys(fs: Any, root: str, shard: str) -> list[str]:
     try:
-        return json.loads(read_bytes(fs, join(staging_dir(root, shard), EXPECTED)))
+        return json.loads(read_bytes(fs, expected_path(root, shard)))
     except FileNotFoundError:
         raise IncompleteShardError(f"shard {shard}: no record of its keys in staging") from None
 

@@ -22,9 +22,9 @@ stale lease exactly one wins; the loser re-reads and sees a fresh, held lease:
   local  each change runs under flock() on `<output>/.lease.lock`, a file never deleted, which the
          kernel releases when its process dies (so no stale lock to break); inside it the record is
          compared byte for byte with the version read, then replaced by temp file + fsync + rename,
-         or created by link() of a complete temp file (fails if present), so readers, who take no
-         lock, see a whole record or none. Without flock (some FUSE mounts) the compare and the
-         rename are not atomic together.
+         or created by link() of a complete temp file (fails if present), both pipeline.io.fs's
+         `write_atomic`, so readers, who take no lock, see a whole record or none. Without flock (some
+         FUSE mounts) the compare and the rename are not atomic together.
   other  fsspec protocols compare and write without atomicity: best effort, one writer in practice.
 A write whose reply was lost and that a client retried reads as beaten; callers then re-read and know
 their own record by its holder id, so nobody mistakes a won lease for a lost one.
@@ -50,7 +50,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from pipeline.io.fs import is_local, open_fs, to_uri
+from pipeline.config.limits import LEASE_TTL_S
+from pipeline.io.fs import is_local, open_fs, to_uri, write_atomic
+from pipeline.table.names import LEASE_LOCK, lease_path
 
 try:
     import fcntl
@@ -58,9 +60,6 @@ except ImportError:  # Windows: no flock, see the docstring
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
-LEASE = "_lease.json"
-LOCK = ".lease.lock"
-DEFAULT_TTL_S = 30.0
 
 
 class LeaseHeldError(RuntimeError):
@@ -195,13 +194,14 @@ class _Backend:
         return contextlib.nullcontext()
 
     def _create(self, data: bytes) -> bool:
-        if self.fs.exists(self.path):
+        try:
+            write_atomic(self.fs, self.path, data, replace=False)  # locally a link(): fails if present
+        except FileExistsError:
             return False
-        self.fs.pipe_file(self.path, data)
         return True
 
     def _replace(self, data: bytes) -> None:
-        self.fs.pipe_file(self.path, data)
+        write_atomic(self.fs, self.path, data)
 
     def _remove(self) -> None:
         self.fs.rm_file(self.path)
@@ -231,7 +231,7 @@ class _LocalBackend(_Backend):
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         os.makedirs(self.folder, exist_ok=True)
-        descriptor = os.open(posixpath.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = os.open(posixpath.join(self.folder, LEASE_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             with contextlib.suppress(OSError, AttributeError):  # no flock here: see the docstring
                 fcntl.flock(descriptor, fcntl.LOCK_EX)
@@ -239,29 +239,8 @@ class _LocalBackend(_Backend):
         finally:
             os.close(descriptor)  # releases the flock
 
-    def _temporary(self, data: bytes) -> str:
-        # Written whole and fsynced before it is linked or renamed in. The folder is not fsynced: a lease a
-        # power cut undoes is a free lease after the reboot, which is right, its holder is gone.
-        temporary = posixpath.join(self.folder, f".tmp-{uuid.uuid4().hex}-{LEASE}")
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return temporary
-
-    def _create(self, data: bytes) -> bool:
-        temporary = self._temporary(data)
-        try:
-            os.link(temporary, self.path)  # atomic, and fails if the lease exists
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(temporary)
-        return True
-
-    def _replace(self, data: bytes) -> None:
-        os.replace(self._temporary(data), self.path)
-
+    # Created and replaced as any backend's (write_atomic: a link() or a rename of a complete, fsynced
+    # temporary file), under the lock.
     def _remove(self) -> None:
         os.remove(self.path)
 
@@ -314,7 +293,7 @@ class _S3Backend(_Backend):
 
 def _backend(output_uri: str, storage_options: dict[str, Any] | None) -> _Backend:
     fs, root = open_fs(output_uri, storage_options)
-    path = posixpath.join(root, LEASE)
+    path = lease_path(root)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     kind = _LocalBackend if is_local(fs) else _S3Backend if protocols & {"s3", "s3a"} else _Backend
     return kind(fs, path)
@@ -346,11 +325,13 @@ class OutputLease:
     before each commit: it raises LeaseLostError once a renewal found the lease taken over (`lost`).
     """
 
-    def __init__(self, output_uri: str, storage_options: dict[str, Any] | None = None, ttl_s: float = DEFAULT_TTL_S,
-                 command: str | None = None, on_lost: Callable[[str], None] | None = None) -> None:
+    def __init__(self, output_uri: str, storage_options: dict[str, Any] | None = None, ttl_s: float = LEASE_TTL_S,
+                 command: str | None = None, on_lost: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """`clock` is the wall clock that records are stamped and judged by (tests drive a fake one)."""
         self._backend = _backend(output_uri, storage_options)
         self.uri = to_uri(self._backend.fs, self._backend.path)
-        self.ttl_s, self.on_lost = float(ttl_s), on_lost
+        self.ttl_s, self.on_lost, self._clock = float(ttl_s), on_lost, clock
         self.holder = uuid.uuid4().hex
         self.command = _command() if command is None else command
         self.info: LeaseInfo | None = None
@@ -362,7 +343,7 @@ class OutputLease:
         self._thread: threading.Thread | None = None
 
     def _record(self, acquired_at: float) -> LeaseInfo:
-        now = time.time()
+        now = self._clock()
         return LeaseInfo(self.holder, socket.gethostname(), os.getpid(), _process(os.getpid())[1], _machine(),
                          _user(), self.command, acquired_at, now, now + self.ttl_s, self.ttl_s)
 
@@ -373,22 +354,22 @@ class OutputLease:
         while True:
             current = _read(self._backend)
             if current is None:
-                record = self._record(time.time())
+                record = self._record(self._clock())
                 version = self._backend.create_exclusive(record.to_bytes())
             elif current[0].holder == self.holder:  # ours (an earlier call, or a retried write that had landed)
                 record, version = current
             else:
                 info, seen = current
-                state = info.state()
+                state = info.state(self._clock())
                 if state == "held" or (state == "stale" and not wait):
                     raise LeaseHeldError(self._held_message(info, state), info)
                 if state == "stale":
-                    left = info.expires_at - time.time()
+                    left = info.expires_at - self._clock()
                     if on_wait:
                         on_wait(info, left)
                     time.sleep(min(max(left, 0.01), max(info.ttl_s / 20, 0.05), 1.0))
                     continue
-                record = self._record(time.time())
+                record = self._record(self._clock())
                 version = self._backend.replace_if(seen, record.to_bytes())  # the takeover
             if version is not None:
                 self.info, self._version, self.lost, self.lost_reason = record, version, False, ""
@@ -396,7 +377,7 @@ class OutputLease:
             # Another contender won this round: read again, it is probably held now.
 
     def _held_message(self, info: LeaseInfo, state: str) -> str:
-        now, output, expiry = time.time(), posixpath.dirname(self.uri), _when(info.expires_at)
+        now, output, expiry = self._clock(), posixpath.dirname(self.uri), _when(info.expires_at)
         stale = (f" It has not renewed for {now - info.renewed_at:.1f} s (it should every {info.ttl_s / 3:.1f} s), "
                  "so it may be dead: a run that waits takes over at expiry." if state == "stale" else "")
         dead = ("" if info.on_this_machine() else
@@ -419,7 +400,7 @@ class OutputLease:
                     return record
                 current = _read(self._backend)
                 if current is None or current[0].holder != self.holder:
-                    other = "deleted" if current is None else f"taken over by {current[0].describe()}"
+                    other = "deleted" if current is None else f"taken over by {current[0].describe(self._clock())}"
                     self._mark_lost(f"the lease {self.uri} was {other}")
                     raise LeaseLostError(self.lost_reason)
                 self._version = current[1]  # still ours: only our version was stale (a retried write)
@@ -453,7 +434,7 @@ class OutputLease:
             except Exception as error:  # transient: retry soon, until the lease would expire anyway
                 if self.info is None:  # released meanwhile
                     return
-                if time.time() >= self.info.expires_at:
+                if self._clock() >= self.info.expires_at:
                     self._mark_lost(f"could not renew {self.uri} before it expired ({error})")
                     return
                 log.warning("renewing %s failed (%s); retrying", self.uri, error)

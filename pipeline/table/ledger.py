@@ -1,6 +1,6 @@
 """What is done: the run manifest, the shard plan, and one commit marker per shard.
 
-Layout of an output folder (every name the pipeline writes; it touches nothing else):
+Layout of an output folder (every name the pipeline writes, all of them in names.py; it touches nothing else):
     _lease.json               the single-writer lease of the run writing now (lease.py)
     _manifest.json            resolved config, fingerprint, model and engine versions
     _plan/<shard>.json        the shard plan written before any work (and _plan/_complete.json)
@@ -23,18 +23,38 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.io.fs import is_local, join, list_names, open_fs, read_bytes, remove_tree, to_uri, write_atomic
+from pipeline.io.fs import (
+    TEMPORARY_PREFIX,
+    is_local,
+    join,
+    list_names,
+    open_fs,
+    read_bytes,
+    remove_tree,
+    to_uri,
+    write_atomic,
+)
 from pipeline.io.sources import Shard
-from pipeline.table.fragments import part_path
+from pipeline.table.names import (
+    DATA,
+    FOLDERS,
+    LEASE,
+    MARKERS,
+    PART_FILE,
+    PLAN,
+    RESERVED,
+    SHARD_FILE,
+    SHARD_ID,
+    STAGING,
+    manifest_path,
+    marker_path,
+    part_path,
+    plan_done_path,
+    plan_path,
+    shard_of_file,
+    staging_dir,
+)
 from pipeline.table.records import Marker
-
-MANIFEST = "_manifest.json"
-LEASE = "_lease.json"
-PLAN_DONE = "_complete.json"
-# Names a pipeline output is made of; a foreign folder holding any of them is never written into.
-RESERVED = ("_manifest.json", "_plan", "_staging", "_markers", "data")
-SHARD_FILE = re.compile(r"^\d{6,}\.json$")
-PART_FILE = re.compile(r"^(?:\.tmp-[0-9a-f]{32}-)?part-(\d{6,})\.parquet$")
 
 
 class FingerprintMismatchError(RuntimeError):
@@ -86,7 +106,7 @@ class Ledger:
 
     # Manifest and fingerprint -------------------------------------------------------------
     def manifest(self) -> dict[str, Any] | None:
-        return self._read_json(self._path(MANIFEST))
+        return self._read_json(manifest_path(self.root))
 
     def check_fingerprint(self, fingerprint: str) -> bool:
         """True if resuming; raise FingerprintMismatchError if the output belongs to another config."""
@@ -108,16 +128,16 @@ class Ledger:
                 "staging and manifest")
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        self._write_json(self._path(MANIFEST), manifest)
+        self._write_json(manifest_path(self.root), manifest)
 
     def wipe(self) -> None:
         """Remove what runs wrote here (for --overwrite): markers first, so that a wipe cut short leaves
         nothing that counts as done, the manifest last, so that it still reads as an output."""
-        self._remove_matching("_markers", SHARD_FILE)
-        self._remove_matching("data", PART_FILE)
+        self._remove_matching(MARKERS, SHARD_FILE)
+        self._remove_matching(DATA, PART_FILE)
         self.clear_staging()
         self.remove_plan()
-        remove_tree(self.fs, self._path(MANIFEST))
+        remove_tree(self.fs, manifest_path(self.root))
         self._remove_empty_folders()
 
     def _remove_matching(self, folder: str, pattern: re.Pattern[str]) -> int:
@@ -129,18 +149,18 @@ class Ledger:
     def _remove_empty_folders(self) -> None:
         if not is_local(self.fs):
             return  # object stores have no folders
-        for folder in ("_markers", "data", "_staging", "_plan"):
+        for folder in FOLDERS:
             path = self._path(folder)
             if self.fs.isdir(path) and not list_names(self.fs, path):
                 remove_tree(self.fs, path)
 
     # Plan ------------------------------------------------------------------------------------
     def plan_complete(self) -> dict[str, Any] | None:
-        return self._read_json(self._path("_plan", PLAN_DONE))
+        return self._read_json(plan_done_path(self.root))
 
     def remove_plan(self) -> None:
-        remove_tree(self.fs, self._path("_plan", PLAN_DONE))
-        self._remove_matching("_plan", SHARD_FILE)
+        remove_tree(self.fs, plan_done_path(self.root))
+        self._remove_matching(PLAN, SHARD_FILE)
 
     def write_plan(self, shards: Iterable[Shard], workers: int = 16, grown_from: dict[str, Any] | None = None,
                    **facts: Any) -> dict[str, Any]:
@@ -165,16 +185,16 @@ class Ledger:
         if grown_from is not None:
             summary["grown"] = [*grown_from.get("grown", []), {"at": summary["planned_at"], "shards": count,
                                                                "images_known": images, **facts}]
-        self._write_json(self._path("_plan", PLAN_DONE), summary)
+        self._write_json(plan_done_path(self.root), summary)
         return summary
 
     def planned_ids(self) -> Iterator[str]:
-        for name in list_names(self.fs, self._path("_plan")):
+        for name in list_names(self.fs, self._path(PLAN)):
             if SHARD_FILE.match(name):
-                yield name.removesuffix(".json")
+                yield shard_of_file(name)
 
     def plan_path(self, shard_id: str) -> str:
-        return self._path("_plan", f"{shard_id}.json")
+        return plan_path(self.root, shard_id)
 
     def planned_shards(self, workers: int = 16) -> Iterator[Shard]:
         """Every planned shard in id order, read a bounded window at a time."""
@@ -188,43 +208,42 @@ class Ledger:
 
     # Markers ---------------------------------------------------------------------------------
     def committed_ids(self) -> set[str]:
-        return {name.removesuffix(".json") for name in list_names(self.fs, self._path("_markers"))
-                if SHARD_FILE.match(name)}
+        return {shard_of_file(name) for name in list_names(self.fs, self._path(MARKERS)) if SHARD_FILE.match(name)}
 
     def write_marker(self, marker: Marker) -> None:
-        self._write_json(self._path("_markers", f"{marker.shard}.json"), marker.to_dict())
+        self._write_json(marker_path(self.root, marker.shard), marker.to_dict())
 
     def marker(self, shard_id: str) -> Marker | None:
-        found = self._read_json(self._path("_markers", f"{shard_id}.json"))
+        found = self._read_json(marker_path(self.root, shard_id))
         return None if found is None else Marker.from_dict(found)
 
     def markers(self) -> list[Marker]:
-        paths = [self._path("_markers", f"{shard}.json") for shard in sorted(self.committed_ids())]
+        paths = [marker_path(self.root, shard) for shard in sorted(self.committed_ids())]
         contents = self.fs.cat(paths) if paths else {}
         return [Marker.from_dict(json.loads(contents[path])) for path in paths if path in contents]
 
     def uncommit(self, shard_id: str) -> None:
         """Make a committed shard pending again: marker first, then its part file, so that a run killed
         in between leaves a shard with no marker (redone) rather than a marker with no rows."""
-        for path in (self._path("_markers", f"{shard_id}.json"), part_path(self.root, shard_id)):
+        for path in (marker_path(self.root, shard_id), part_path(self.root, shard_id)):
             remove_tree(self.fs, path)
 
     def remove_uncommitted_parts(self, committed: set[str]) -> int:
         """Delete part files with no marker (a run killed between part and marker) and temporary files a
         killed local write left in `data/`, so that `data/` holds committed shards only."""
         stale = []
-        for name in list_names(self.fs, self._path("data")):
+        for name in list_names(self.fs, self._path(DATA)):
             match = PART_FILE.match(name)
-            if match and (name.startswith(".tmp-") or match.group(1) not in committed):
+            if match and (name.startswith(TEMPORARY_PREFIX) or match.group(1) not in committed):
                 stale.append(name)
         for name in stale:
-            remove_tree(self.fs, self._path("data", name))
+            remove_tree(self.fs, self._path(DATA, name))
         return len(stale)
 
     def clear_staging(self, shard_id: str | None = None) -> None:
         if shard_id is not None:
-            remove_tree(self.fs, self._path("_staging", shard_id))
+            remove_tree(self.fs, staging_dir(self.root, shard_id))
             return
-        for name in list_names(self.fs, self._path("_staging")):
-            if re.fullmatch(r"\d{6,}", name):
-                remove_tree(self.fs, self._path("_staging", name))
+        for name in list_names(self.fs, self._path(STAGING)):
+            if SHARD_ID.fullmatch(name):
+                remove_tree(self.fs, staging_dir(self.root, name))

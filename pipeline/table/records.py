@@ -1,13 +1,18 @@
-"""Typed records of a run: a shard's commit marker, per-mode counts, and the totals over markers.
+"""Typed records of a run: a shard's commit marker, per-mode counts, the totals over markers, and the
+records the table layer hands upward (the `status` report, a write task's report on its fragments).
 
 A marker is written last when a shard commits (ledger.py) and read back by resume, `status`, the run
 summary and exports. `Totals.of(markers)` is the one aggregation all of them use.
+
+A record that leaves the process (as JSON, or as a Ray Data row) has `to_dict()`/`to_row()` giving exactly
+the keys it has always been written with, and `from_dict()`/`from_row()` to read it back: the JSON that
+`status --json` prints and what stored manifests hold do not change with the classes.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -115,7 +120,127 @@ class Totals:
     def error_share(self) -> float:
         return self.errors / self.rows if self.rows else 0.0
 
-    def modes_report(self) -> dict[str, dict[str, Any]]:
+    def modes_report(self) -> dict[str, ModeReport]:
         """Per mode: counts and the glitch rate over captioned images, as the summary and `status` show it."""
-        return {name: {**asdict(stats), "glitch_rate": round(stats.glitched / self.ok, 4) if self.ok else 0.0}
-                for name, stats in self.modes.items()}
+        return {name: ModeReport.of(stats, self.ok) for name, stats in self.modes.items()}
+
+
+def known_fields(cls: type, value: Mapping[str, Any]) -> dict[str, Any]:
+    """The items of `value` that are fields of dataclass `cls`, for its `from_dict`: a key a newer writer
+    added is skipped, and a missing one keeps the field's default (JSON written before the field existed)."""
+    names = {f.name for f in fields(cls)}
+    return {name: item for name, item in value.items() if name in names}
+
+
+@dataclass(frozen=True)
+class ModeReport:
+    """One mode's counts over some rows, and its glitch rate over the captioned ones: a mode's line in the
+    run summary and in `status`."""
+
+    captions: int = 0
+    glitched: int = 0
+    tokens: int = 0
+    retries: int = 0
+    glitch_rate: float = 0.0
+
+    @classmethod
+    def of(cls, stats: ModeStats, captioned: int) -> ModeReport:
+        rate = round(stats.glitched / captioned, 4) if captioned else 0.0
+        return cls(stats.captions, stats.glitched, stats.tokens, stats.retries, rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> ModeReport:
+        return cls(**known_fields(cls, value))
+
+
+@dataclass(frozen=True)
+class LeaseStatus:
+    """The output's lease as `status` reports it: its state ('held', 'stale', 'expired' or 'gone', lease.py),
+    which process holds it, and its last heartbeat."""
+
+    state: str
+    host: str
+    pid: int
+    renewed_at: float
+    expires_at: float
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> LeaseStatus:
+        return cls(**known_fields(cls, value))
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Where a run stands (pipeline.table.status): plan, counts, quality, and, while a run holds the lease,
+    its rate and ETA. The fields, in order, are the keys `status --json` prints."""
+
+    output: str
+    fingerprint: str | None = None
+    model: str | None = None
+    created_at: float | None = None
+    plan_complete: bool = False
+    images_known: int | None = None
+    shards_planned: int = 0
+    shards_committed: int = 0
+    shards_pending: int = 0
+    shards_staging: list[str] = field(default_factory=list)  # shards with fragments written, not committed
+    images_done: int = 0
+    ok: int = 0
+    errors: int = 0
+    error_share: float = 0.0
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    modes: dict[str, ModeReport] = field(default_factory=dict)
+    throughput_images_per_s: float | None = None  # since the run was created
+    last_commit_at: float | None = None
+    last_activity_at: float | None = None  # the last commit or staged fragment
+    live: bool = False  # a run holds the lease now
+    lease: LeaseStatus | None = None
+    shard_rate_per_s: float | None = None
+    eta_s: float | None = None
+    checked_at: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        """Every planned shard is committed, and planning is done."""
+        return self.plan_complete and self.shards_pending == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # nested records (modes, lease) become dicts too
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> StatusReport:
+        body = known_fields(cls, value)
+        body["modes"] = {name: ModeReport.from_dict(stats) for name, stats in (value.get("modes") or {}).items()}
+        body["lease"] = LeaseStatus.from_dict(value["lease"]) if value.get("lease") else None
+        return cls(**body)
+
+
+# The Arrow form of WriteReport rows: what the write stage hands Ray Data and the driver reads back.
+WRITE_REPORT_SCHEMA = pa.schema([("shard", pa.string()), ("shard_size", pa.int64()), ("keys", pa.list_(pa.string()))])
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What a write task put in staging for one shard, for the committer: the keys of the fragment, and the
+    shard's size (its count of keys) when the fragment holds the shard's last row, else None."""
+
+    shard: str
+    shard_size: int | None
+    keys: list[str]
+
+    def to_row(self) -> dict[str, Any]:
+        return {"shard": self.shard, "shard_size": self.shard_size, "keys": list(self.keys)}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> WriteReport:
+        """From a row as written by `to_row` (or `fragments.write_fragments`), or as Ray Data yields it back
+        (the keys may come as an array)."""
+        size = row["shard_size"]
+        return cls(str(row["shard"]), None if size is None else int(size), [str(key) for key in row["keys"]])
+
+    @staticmethod
+    def to_table(reports: Iterable[WriteReport]) -> pa.Table:
+        return pa.Table.from_pylist([report.to_row() for report in reports], schema=WRITE_REPORT_SCHEMA)

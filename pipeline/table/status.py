@@ -14,12 +14,12 @@ import time
 from datetime import datetime
 from typing import Any
 
+from pipeline.config.limits import STATUS_RATE_WINDOW_S
 from pipeline.io.fs import join, list_names, to_uri
 from pipeline.table.lease import read_lease
-from pipeline.table.ledger import MANIFEST, Ledger
-from pipeline.table.records import Totals
-
-RATE_WINDOW_S = 900.0  # the ETA uses the shard rate over this much recent history
+from pipeline.table.ledger import Ledger
+from pipeline.table.names import MANIFEST, STAGING
+from pipeline.table.records import LeaseStatus, StatusReport, Totals
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -36,7 +36,7 @@ def _mtime(info: dict[str, Any]) -> float | None:
 def _staging(ledger: Ledger) -> tuple[list[str], float | None]:
     """Shards with fragments in staging, and when the newest fragment was written."""
     shards, newest = [], None
-    root = join(ledger.root, "_staging")
+    root = join(ledger.root, STAGING)
     for name in list_names(ledger.fs, root):
         try:
             entries = ledger.fs.ls(join(root, name), detail=True)
@@ -52,7 +52,7 @@ def _staging(ledger: Ledger) -> tuple[list[str], float | None]:
 
 def _shard_rate(commit_times: list[float], now: float, created_at: float | None) -> float | None:
     """Shards per second: over recent commits when there are two or more, else over the whole run."""
-    recent = [t for t in commit_times if t >= now - RATE_WINDOW_S]
+    recent = [t for t in commit_times if t >= now - STATUS_RATE_WINDOW_S]  # see limits.py
     if len(recent) >= 2 and recent[-1] > recent[0]:
         return (len(recent) - 1) / (recent[-1] - recent[0])
     if commit_times and created_at and commit_times[-1] > created_at:
@@ -60,7 +60,7 @@ def _shard_rate(commit_times: list[float], now: float, created_at: float | None)
     return None
 
 
-def status(output_uri: str, storage_options: dict[str, Any] | None = None, now: float | None = None) -> dict[str, Any]:
+def status(output_uri: str, storage_options: dict[str, Any] | None = None, now: float | None = None) -> StatusReport:
     """Counts, quality and progress of the run writing to `output_uri` (`now` is for tests)."""
     now = time.time() if now is None else now
     ledger = Ledger(output_uri, storage_options)
@@ -83,33 +83,33 @@ def status(output_uri: str, storage_options: dict[str, Any] | None = None, now: 
     elapsed = last_commit - created_at if last_commit and created_at else None
     pending = max(planned - len(markers), 0)
     rate = _shard_rate(commit_times, now, created_at) if live else None
-    return {
-        "output": to_uri(ledger.fs, ledger.root),
-        "fingerprint": manifest.get("fingerprint"),
-        "model": (manifest.get("model") or {}).get("path"),
-        "created_at": created_at,
-        "plan_complete": plan is not None,
-        "images_known": (plan or {}).get("images_known"),
-        "shards_planned": planned,
-        "shards_committed": len(markers),
-        "shards_pending": pending,
-        "shards_staging": staging,
-        "images_done": images,
-        "ok": ok,
-        "errors": totals.errors,
-        "error_share": round(totals.error_share, 4),
-        "error_reasons": totals.error_reasons,
-        "modes": totals.modes_report(),
-        "throughput_images_per_s": round(images / elapsed, 3) if elapsed and elapsed > 0 else None,
-        "last_commit_at": last_commit,
-        "last_activity_at": last_activity,
-        "live": live,
-        "lease": None if lease is None else {"state": lease_state, "host": lease.host, "pid": lease.pid,
-                                             "renewed_at": lease.renewed_at, "expires_at": lease.expires_at},
-        "shard_rate_per_s": round(rate, 5) if rate else None,
-        "eta_s": (0.0 if pending == 0 else round(pending / rate, 1) if rate else None) if live else None,
-        "checked_at": now,
-    }
+    return StatusReport(
+        output=to_uri(ledger.fs, ledger.root),
+        fingerprint=manifest.get("fingerprint"),
+        model=(manifest.get("model") or {}).get("path"),
+        created_at=created_at,
+        plan_complete=plan is not None,
+        images_known=(plan or {}).get("images_known"),
+        shards_planned=planned,
+        shards_committed=len(markers),
+        shards_pending=pending,
+        shards_staging=staging,
+        images_done=images,
+        ok=ok,
+        errors=totals.errors,
+        error_share=round(totals.error_share, 4),
+        error_reasons=totals.error_reasons,
+        modes=totals.modes_report(),
+        throughput_images_per_s=round(images / elapsed, 3) if elapsed and elapsed > 0 else None,
+        last_commit_at=last_commit,
+        last_activity_at=last_activity,
+        live=live,
+        lease=None if lease is None or lease_state is None else LeaseStatus(
+            lease_state, lease.host, lease.pid, lease.renewed_at, lease.expires_at),
+        shard_rate_per_s=round(rate, 5) if rate else None,
+        eta_s=(0.0 if pending == 0 else round(pending / rate, 1) if rate else None) if live else None,
+        checked_at=now,
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -118,38 +118,39 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
-def format_status(report: dict[str, Any]) -> str:
+def format_status(report: StatusReport) -> str:
     """The status report as a few aligned lines for a terminal."""
-    known = f", {report['images_known']} images known" if report.get("images_known") else ""
-    plan = f"{report['shards_planned']} shards{known}" + ("" if report["plan_complete"] else " (still planning)")
-    lines = [f"output      {report['output']}",
-             f"model       {report.get('model') or '?'}",
+    known = f", {report.images_known} images known" if report.images_known else ""
+    plan = f"{report.shards_planned} shards{known}" + ("" if report.plan_complete else " (still planning)")
+    lines = [f"output      {report.output}",
+             f"model       {report.model or '?'}",
              f"plan        {plan}",
-             f"shards      {report['shards_committed']} committed, {report['shards_pending']} pending, "
-             f"{len(report['shards_staging'])} in progress",
-             f"images      {report['images_done']} done ({report['ok']} captioned, {report['errors']} errors)"]
-    if report.get("error_reasons"):
-        lines.append(f"errors      {report['error_share']:.1%} of rows: " + ", ".join(
-            f"{reason}: {count}" for reason, count in list(report["error_reasons"].items())[:5]))
-    for name, stats in report["modes"].items():
-        lines.append(f"mode {name:<12} {stats['captions']} captions, {stats['tokens']} tokens, "
-                     f"glitch rate {stats['glitch_rate']:.1%} ({stats['retries']} retries)")
-    if report["throughput_images_per_s"] is not None:
-        lines.append(f"throughput  {report['throughput_images_per_s']:.2f} images/s since the run was created")
-    last, lease = report["last_activity_at"], report.get("lease")
-    if report["live"] and lease:
-        beat = _duration(max(report["checked_at"] - lease["renewed_at"], 0))
-        state = f"live: host {lease['host']}, pid {lease['pid']}, heartbeat {beat} ago"
-        if last is not None:
-            state += f", last write {_duration(max(report['checked_at'] - last, 0))} ago"
-        if report["eta_s"] is not None:
-            state += f"; ETA {_duration(report['eta_s'])}" if report["eta_s"] else "; finishing"
-    elif last is None:
-        state = "nothing committed or in progress yet"
-    else:
-        ago = _duration(max(report["checked_at"] - last, 0))
-        done = report["plan_complete"] and report["shards_pending"] == 0
-        stopped = " (its run stopped without finishing)" if lease and lease["state"] in ("gone", "expired") else ""
-        state = f"{'complete' if done else 'idle'}{stopped}, last write {ago} ago"
-    lines.append(f"state       {state}")
+             f"shards      {report.shards_committed} committed, {report.shards_pending} pending, "
+             f"{len(report.shards_staging)} in progress",
+             f"images      {report.images_done} done ({report.ok} captioned, {report.errors} errors)"]
+    if report.error_reasons:
+        lines.append(f"errors      {report.error_share:.1%} of rows: " + ", ".join(
+            f"{reason}: {count}" for reason, count in list(report.error_reasons.items())[:5]))
+    for name, stats in report.modes.items():
+        lines.append(f"mode {name:<12} {stats.captions} captions, {stats.tokens} tokens, "
+                     f"glitch rate {stats.glitch_rate:.1%} ({stats.retries} retries)")
+    if report.throughput_images_per_s is not None:
+        lines.append(f"throughput  {report.throughput_images_per_s:.2f} images/s since the run was created")
+    lines.append(f"state       {_state(report)}")
     return "\n".join(lines)
+
+
+def _state(report: StatusReport) -> str:
+    """Live (who holds the lease, how recent its heartbeat and last write, the ETA), or how it was left."""
+    last, lease, now = report.last_activity_at, report.lease, report.checked_at
+    if report.live and lease:
+        state = f"live: host {lease.host}, pid {lease.pid}, heartbeat {_duration(max(now - lease.renewed_at, 0))} ago"
+        if last is not None:
+            state += f", last write {_duration(max(now - last, 0))} ago"
+        if report.eta_s is not None:
+            state += f"; ETA {_duration(report.eta_s)}" if report.eta_s else "; finishing"
+        return state
+    if last is None:
+        return "nothing committed or in progress yet"
+    stopped = " (its run stopped without finishing)" if lease and lease.state in ("gone", "expired") else ""
+    return f"{'complete' if report.finished else 'idle'}{stopped}, last write {_duration(max(now - last, 0))} ago"

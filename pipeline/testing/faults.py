@@ -1,11 +1,14 @@
-"""Engine faults on cue, for the tests of self-healing actors: a real engine cannot be made to hang or die
-at a chosen step.
+"""Faults on cue, for the tests of self-healing actors and of crashes: a real engine cannot be made to hang or
+die at a chosen step, nor a real commit to stop between its part file and its marker.
 
-PIPELINE_ENGINE_FAULT=KIND@STEP[:ONCE_FILE] makes the engine's step number STEP raise (KIND `raise`) or
-never return (KIND `hang`). With ONCE_FILE, only the first actor that creates that file gets the fault,
-so the replacement actor runs clean, as after a real one-off failure. Several faults, comma-separated,
-go to successive actors: each actor takes the first whose ONCE_FILE it can still create. Unset,
-nothing is wrapped.
+Both are hooks of the run's seam (pipeline/run/hooks.py), given to `execute` or `main(argv, hooks=...)`
+(tests/launch.py builds them from its flags); nothing here reads the environment.
+
+- `EngineFaults("KIND@STEP[:ONCE_FILE],...")` makes an engine's step number STEP raise (KIND `raise`) or
+  never return (KIND `hang`). With ONCE_FILE, only the first actor that creates that file gets the fault,
+  so the replacement actor runs clean, as after a real one-off failure. Several faults, comma-separated,
+  go to successive actors: each actor takes the first whose ONCE_FILE it can still create.
+- `PauseAt(MOMENT, SECONDS)` holds a commit at a named moment, long enough for a test to kill the run there.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
+from pipeline.run.hooks import MOMENTS
+
 log = logging.getLogger("pipeline.testing.faults")
-ENV = "PIPELINE_ENGINE_FAULT"
+KINDS = ("raise", "hang")
 
 
 class InjectedEngineFaultError(RuntimeError):
@@ -42,19 +49,81 @@ class FaultyEngine:
         return self._engine.step()
 
 
-def with_faults(engine: Any) -> Any:
-    """The engine wrapped as PIPELINE_ENGINE_FAULT asks, or the engine itself."""
-    setting = os.environ.get(ENV, "")
-    for fault in filter(None, (part.strip() for part in setting.split(","))):
-        spec, _, once_file = fault.partition(":")
-        kind, _, step = spec.partition("@")
-        if kind not in ("raise", "hang") or not step.isdigit():
-            raise ValueError(f"{ENV}={setting!r}: expected raise@STEP or hang@STEP, optionally :ONCE_FILE, "
-                             "comma-separated")
-        if once_file:
-            try:
-                os.close(os.open(once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue  # an earlier actor had this fault; this one may be its replacement
-        return FaultyEngine(engine, kind, int(step))
-    return engine
+@dataclass(frozen=True)
+class Fault:
+    """One fault of a spec: KIND at step STEP, for the first actor that creates `once_file` (every actor without)."""
+
+    kind: str
+    step: int
+    once_file: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        """`KIND@STEP[:ONCE_FILE]`; ValueError when it is not."""
+        head, _, once_file = text.strip().partition(":")
+        kind, _, step = head.partition("@")
+        if kind not in KINDS or not step.isdigit() or int(step) < 1:
+            raise ValueError(f"engine fault {text.strip()!r}: expected raise@STEP or hang@STEP (STEP from 1), "
+                             "optionally :ONCE_FILE")
+        return cls(kind, int(step), once_file)
+
+    def claim(self) -> bool:
+        """Whether this actor gets the fault: always without a once-file, else if it is the first to create it."""
+        if not self.once_file:
+            return True
+        try:
+            os.close(os.open(self.once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False  # an earlier actor had this fault; this one may be its replacement
+        return True
+
+
+class EngineFaults:
+    """An EngineHook: `wrap` gives the engine of each new actor the next fault of `spec` it can claim.
+
+    `spec` is `KIND@STEP[:ONCE_FILE]`, comma-separated for successive actors; it is checked here, so a bad one
+    fails the test at once rather than inside an actor."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.faults = tuple(Fault.parse(part) for part in spec.split(",") if part.strip())
+        if not self.faults:
+            raise ValueError(f"engine fault spec {spec!r} holds no fault: expected KIND@STEP[:ONCE_FILE],...")
+
+    def __repr__(self) -> str:
+        return f"EngineFaults({self.spec!r})"
+
+    def wrap(self, engine: Any) -> Any:
+        """The engine with the first fault this actor claims, or the engine itself when none is left."""
+        for fault in self.faults:
+            if fault.claim():
+                return FaultyEngine(engine, fault.kind, fault.step)
+        return engine
+
+
+@dataclass(frozen=True)
+class PauseAt:
+    """A run's pause hook: hold for `seconds` each time a commit reaches `moment` (one of run.hooks.MOMENTS)."""
+
+    moment: str
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if self.moment not in MOMENTS:
+            raise ValueError(f"pause moment {self.moment!r}: expected one of {', '.join(MOMENTS)}")
+        if not self.seconds >= 0:
+            raise ValueError(f"pause at {self.moment}: seconds must be 0 or more, not {self.seconds}")
+
+    @classmethod
+    def parse(cls, text: str) -> PauseAt:
+        """`MOMENT:SECONDS`, as tests/launch.py's --pause takes it."""
+        moment, _, seconds = text.partition(":")
+        try:
+            return cls(moment, float(seconds))
+        except ValueError as err:
+            raise ValueError(f"pause {text!r}: expected MOMENT:SECONDS ({err})") from None
+
+    def __call__(self, moment: str) -> None:
+        if moment == self.moment:
+            log.warning("test pause: holding at %s for %.1f s", moment, self.seconds)
+            time.sleep(self.seconds)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.table.names import MANIFEST
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,12 +56,22 @@ def write_config(path: Path, model_dir: Path, input_uri: str, output_uri: str, *
     return path
 
 
-def run_cli(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline ARGS` in a fresh process, as a user would run it."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def cli_command(*args: str, engine_fault: str | None = None, pause: str | None = None) -> list[str]:
+    """`python -m pipeline ARGS`, as a user runs it; with a hook asked for, the test launcher (tests/launch.py)
+    instead: `engine_fault` is KIND@STEP[:ONCE_FILE],... and `pause` MOMENT:SECONDS (pipeline/testing/faults.py)."""
+    hooks = [*(["--engine-fault", engine_fault] if engine_fault else []), *(["--pause", pause] if pause else [])]
+    if not hooks:
+        return [sys.executable, "-m", "pipeline", *args]
+    return [sys.executable, str(REPO / "tests" / "launch.py"), *hooks, *args]
+
+
+def run_cli(*args: str, timeout: float = 900, env: dict[str, str] | None = None, engine_fault: str | None = None,
+            pause: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI with ARGS in a fresh process (see `cli_command` for the hooks)."""
+    return subprocess.run(cli_command(*args, engine_fault=engine_fault, pause=pause), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def last_summary(output: Path) -> dict[str, object]:
     """The summary the last run stored in the manifest (stdout also carries Ray's worker logs)."""
-    return json.loads((output / "_manifest.json").read_text())["last_summary"]
+    return json.loads((output / MANIFEST).read_text())["last_summary"]

@@ -15,6 +15,7 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 
+from pipeline.table.names import DATA, LEASE, MARKERS
 from tests.integration.conftest import REPO, run_cli, write_config
 
 pytestmark = pytest.mark.integration
@@ -22,7 +23,7 @@ SAMPLE_COUNT = 10
 
 
 def _keys(out: Path) -> list[str]:
-    return sorted(pads.dataset(out / "data", format="parquet").to_table(columns=["key"]).column("key").to_pylist())
+    return sorted(pads.dataset(out / DATA, format="parquet").to_table(columns=["key"]).column("key").to_pylist())
 
 
 @pytest.mark.slow
@@ -56,7 +57,7 @@ def _start(config: Path) -> subprocess.Popen[str]:
 def _interrupt_once_captioning(config: Path, out: Path, send: signal.Signals) -> tuple[int, str, float]:
     """Start a run, send `send` once it commits a shard, and return (exit code, stderr, seconds to stop)."""
     def committed() -> int:
-        return len(list((out / "_markers").glob("*.json"))) if (out / "_markers").exists() else 0
+        return len(list((out / MARKERS).glob("*.json"))) if (out / MARKERS).exists() else 0
 
     before = committed()
     process = _start(config)
@@ -90,7 +91,7 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_rerun_finishes_exactly_on
         last = stderr.strip().splitlines()[-1]
         assert last.startswith("interrupted (") and "run the same command to resume" in last, stderr[-2000:]
         assert seconds < 60
-        assert not (out / "_lease.json").exists()  # released on the way out
+        assert not (out / LEASE).exists()  # released on the way out
     result = run_cli("run", str(config), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_keys(out)) == SAMPLE_COUNT and len(set(_keys(out))) == SAMPLE_COUNT

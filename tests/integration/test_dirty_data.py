@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.table.names import DATA
 from tests.integration.conftest import last_summary, run_cli, write_config
 
 pytestmark = pytest.mark.integration
@@ -64,7 +65,7 @@ def test_a_dirty_folder_exits_0_with_one_row_per_file(tmp_path: Path, tiny_model
     out = tmp_path / "out"
     config, first = _run(tmp_path, tiny_model, str(folder), out, input={"uri": str(folder), "shard_size": 8})
     assert "symlink" in first.stderr.lower()
-    table = pd.read_parquet(out / "data").set_index("key")
+    table = pd.read_parquet(out / DATA).set_index("key")
     assert sorted(table.index) == sorted([*good, "half.png", *mutants])  # one row per file, none twice
     assert table.loc["half.png"].status == "error" and "truncated" in table.loc["half.png"].error
     assert (table.loc[good].status == "ok").all()
@@ -104,7 +105,7 @@ def test_damaged_tars_and_tars_of_one_basename(tmp_path: Path, tiny_model: Path,
     (shards / "b" / "000000.tar").write_bytes(damaged[:cut])
     out = tmp_path / "out"
     _run(tmp_path, tiny_model, str(shards), out)
-    table = pd.read_parquet(out / "data").set_index("key")
+    table = pd.read_parquet(out / DATA).set_index("key")
     assert table.index.is_unique
     assert {f"a/000000/s{n}" for n in range(3)} | {"b/000000/s0", "b/000000/s1"} <= set(table.index)
     assert (table.loc[[f"a/000000/s{n}" for n in range(3)] + ["b/000000/s0", "b/000000/s1"]].status == "ok").all()
@@ -125,7 +126,7 @@ def test_a_parquet_file_with_a_corrupt_row_group(tmp_path: Path, tiny_model: Pat
     path.write_bytes(bytes(data))
     out = tmp_path / "out"
     _run(tmp_path, tiny_model, str(path.parent), out, input={"uri": str(path.parent), "shard_size": 4})
-    table = pd.read_parquet(out / "data").set_index("key").sort_index()
+    table = pd.read_parquet(out / DATA).set_index("key").sort_index()
     assert list(table.index) == [f"images/{row:08d}" for row in range(6)]
     assert list(table.status) == ["ok", "ok", "error", "error", "ok", "ok"]
 
@@ -136,7 +137,7 @@ def test_a_file_list_with_repeated_lines(tmp_path: Path, tiny_model: Path, sampl
     listing.write_text("\n".join(lines))
     out = tmp_path / "out"
     _run(tmp_path, tiny_model, str(listing), out, input={"uri": str(listing), "shard_size": 2})
-    table = pd.read_parquet(out / "data")
+    table = pd.read_parquet(out / DATA)
     assert len(table) == 3 and table.key.is_unique and (table.status == "ok").all()
     assert sorted(table.source) == sorted(str(samples / name) for name in FEW)
 
@@ -159,7 +160,7 @@ def test_transient_s3_errors_are_retried_and_never_become_rows(tmp_path: Path, t
         source = {"uri": f"s3://{s3_bucket}/in", "shard_size": 1, "storage_options": {"endpoint_url": proxy.url}}
         _run(tmp_path, tiny_model, source["uri"], out, input=source)
         assert [fault.injected for fault in faults] == [4, 2]
-        table = pd.read_parquet(out / "data")
+        table = pd.read_parquet(out / DATA)
         assert sorted(table.key) == sorted(FEW) and (table.status == "ok").all()
 
         # A fault that never clears fails the run in words; the image is not committed as an error row.
@@ -171,5 +172,5 @@ def test_transient_s3_errors_are_retried_and_never_become_rows(tmp_path: Path, t
         result = run_cli("run", str(failing))
     assert result.returncode == 1, result.stderr[-3000:]
     assert "storage still failing" in result.stderr and FEW[2] in result.stderr.splitlines()[-1]
-    committed = pd.read_parquet(tmp_path / "out2" / "data") if (tmp_path / "out2" / "data").exists() else None
+    committed = pd.read_parquet(tmp_path / "out2" / DATA) if (tmp_path / "out2" / DATA).exists() else None
     assert committed is None or FEW[2] not in set(committed.key)

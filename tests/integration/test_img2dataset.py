@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.table.names import DATA
 from tests.integration.conftest import run_cli, write_config
 from tests.unit.io.test_img2dataset_layouts import IMG2DATASET, STORED, downloaded, served  # noqa: F401 (fixtures)
 
@@ -28,7 +29,7 @@ def test_every_saved_image_is_captioned_once_with_its_alt_text(tmp_path: Path, t
                           modes=QUICK_MODES)
     result = run_cli("run", str(config), "--input", str(folder))
     assert result.returncode == 0, result.stderr[-4000:]
-    table = pd.read_parquet(out / "data")
+    table = pd.read_parquet(out / DATA)
     saved = STORED[output](folder)
     ok = table[table.status == "ok"]
     assert sorted(ok.key) == sorted(saved) and table.key.is_unique  # every saved image exactly once

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
+from pipeline.table.names import DATA, LEASE
 from pipeline.testing.samples import SAMPLES
 from tests.integration.conftest import REPO, last_summary, run_cli, write_config
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def _keys(out: Path) -> list[str]:
-    return sorted(pads.dataset(out / "data", format="parquet").to_table(columns=["key"]).column("key").to_pylist())
+    return sorted(pads.dataset(out / DATA, format="parquet").to_table(columns=["key"]).column("key").to_pylist())
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -40,7 +41,7 @@ def test_two_runs_started_at_once_on_one_output_one_refused_in_words(tmp_path: P
     assert "is being written by another run" in refused and f"pid {winner}" in refused
     assert "Traceback" not in refused
     assert _keys(out) == sorted(relative for relative, _ in SAMPLES.values())  # every image exactly once
-    assert not (out / "_lease.json").exists()
+    assert not (out / LEASE).exists()
 
 
 @pytest.mark.slow

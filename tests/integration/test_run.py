@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.captioning.modes import derive_seed
 from pipeline.config import load_config
+from pipeline.table.names import DATA
 from pipeline.testing.samples import SAMPLES
 from tests.integration.conftest import last_summary, run_cli, write_config
 
@@ -26,8 +27,9 @@ def test_run_captions_every_sample_then_resumes_with_nothing_to_do(tmp_path: Pat
     assert result.returncode == 0, result.stderr[-4000:]
     summary = last_summary(out)
     assert summary["images"] == len(SAMPLES) and summary["ok"] == len(SAMPLES) and summary["errors"] == 0
+    assert json.loads(result.stdout) == summary  # `--json` prints what the manifest stores
 
-    table = pd.read_parquet(out / "data")
+    table = pd.read_parquet(out / DATA)
     assert sorted(table.key) == sorted(relative for relative, _ in SAMPLES.values())
     assert (table.status == "ok").all()
     config = load_config(config_path)
@@ -40,7 +42,7 @@ def test_run_captions_every_sample_then_resumes_with_nothing_to_do(tmp_path: Pat
         assert (table[f"{mode.name}_seed"] == expected_seeds).all()
     assert (table.width > 0).all() and set(table.format) >= {"JPEG", "PNG", "GIF", "WEBP"}
 
-    metadata = json.loads(pq.read_schema(next((out / "data").glob("*.parquet"))).metadata[b"joycaption_pipeline"])
+    metadata = json.loads(pq.read_schema(next((out / DATA).glob("*.parquet"))).metadata[b"joycaption_pipeline"])
     assert metadata["fingerprint"] == config.fingerprint() and metadata["model"]["path"] == str(tiny_model)
     assert [m["name"] for m in metadata["modes"]] == ["tags", "description"]
 
@@ -50,7 +52,7 @@ def test_run_captions_every_sample_then_resumes_with_nothing_to_do(tmp_path: Pat
     assert again.returncode == 0, again.stderr[-4000:]
     assert last_summary(out)["shards_committed_this_run"] == 0
     assert time.monotonic() - started < 60
-    assert len(pd.read_parquet(out / "data")) == len(SAMPLES)
+    assert len(pd.read_parquet(out / DATA)) == len(SAMPLES)
 
 
 @pytest.mark.slow
@@ -67,7 +69,7 @@ def test_three_modes_per_image_and_a_forced_glitch_is_retried_and_flagged(tmp_pa
                                compute={"batch_size": 3, "batches_in_flight": 2})
     result = run_cli("run", str(config_path), "--json", "--set", "modes.1.length=long")
     assert result.returncode == 0, result.stderr[-4000:]
-    table = pd.read_parquet(tmp_path / "out" / "data")
+    table = pd.read_parquet(tmp_path / "out" / DATA)
     assert len(table) == len(SAMPLES)
     for name in ("tags", "critic", "stubborn"):
         assert table[name].notna().all()

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.table.names import DATA, manifest_path
 from tests.integration.conftest import last_summary, run_cli, write_config
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ def test_webdataset_shards_and_a_repaired_tar_is_redone_whole(tmp_path: Path, ti
     good = (shards / "train-00001.tar").read_bytes()
     (shards / "train-00001.tar").write_bytes(b"not a tar archive" * 64)
     _run(tmp_path, tiny_model, str(shards), str(tmp_path / "out"))
-    table = pd.read_parquet(tmp_path / "out" / "data").set_index("key")
+    table = pd.read_parquet(tmp_path / "out" / DATA).set_index("key")
     # The broken tar is one error row standing for the whole file.
     assert sorted(table.index) == ["train-00000/sample0000", "train-00000/sample0001", "train-00001"]
     assert table.loc["train-00001"].status == "error"
@@ -52,7 +53,7 @@ def test_webdataset_shards_and_a_repaired_tar_is_redone_whole(tmp_path: Path, ti
     (shards / "train-00001.tar").write_bytes(good)
     result = run_cli("run", str(tmp_path / "run.yaml"), "--retry-errors")
     assert result.returncode == 0, result.stderr[-4000:]
-    after = pd.read_parquet(tmp_path / "out" / "data")
+    after = pd.read_parquet(tmp_path / "out" / DATA)
     assert set(after.key) == expected and len(after) == len(expected)
     assert (after.status == "ok").all()
     first = after.set_index("key").loc[["train-00000/sample0000", "train-00000/sample0001"]]
@@ -72,7 +73,7 @@ def test_parquet_with_hugging_face_image_structs(tmp_path: Path, tiny_model: Pat
     pq.write_table(pa.table({"image": pa.array(images, type=struct), "label": list(range(len(images)))}),
                    source / "train-0.parquet")
     _run(tmp_path, tiny_model, str(source), str(tmp_path / "out"))
-    table = pd.read_parquet(tmp_path / "out" / "data").sort_values("key")
+    table = pd.read_parquet(tmp_path / "out" / DATA).sort_values("key")
     assert list(table.key) == [f"train-0/{row:08d}" for row in range(len(images))]
     assert list(table.status) == ["ok", "ok", "ok", "error"]
     assert list(table.member) == [*FEW, "x"]
@@ -92,7 +93,7 @@ def test_file_list_and_s3_input_and_output(tmp_path: Path, tiny_model: Path, sam
     expected = {f"s3/{s3_bucket}/images/{name}" for name in FEW} | {"file" + str(samples / "logo.png")}
     assert set(table.key) == expected and len(table) == len(expected)
     assert (table.status == "ok").all()
-    manifest = s3_fs.cat_file(f"{s3_bucket}/captions/_manifest.json").decode()
+    manifest = s3_fs.cat_file(manifest_path(f"{s3_bucket}/captions")).decode()
     assert "testing" not in manifest  # credentials never reach outputs
 
 
@@ -102,7 +103,7 @@ def test_s3_prefix(tmp_path: Path, tiny_model: Path, samples: Path, s3_fs, s3_bu
         s3_fs.pipe_file(f"{s3_bucket}/data/set/{name}", (samples / name).read_bytes())
     s3_fs.pipe_file(f"{s3_bucket}/data/set/notes.txt", b"not an image file: skipped by extension")
     _run(tmp_path, tiny_model, f"s3://{s3_bucket}/data/set/", str(tmp_path / "out"))
-    table = pd.read_parquet(tmp_path / "out" / "data")
+    table = pd.read_parquet(tmp_path / "out" / DATA)
     assert set(table.key) == set(FEW) and (table.status == "ok").all()
 
 
@@ -112,7 +113,7 @@ def test_broken_files_become_error_rows_then_retry_errors_recaptions_them(tmp_pa
     corpus = image_corpus(tmp_path / "mixed")
     out = tmp_path / "out"
     _run(tmp_path, tiny_model, str(tmp_path / "mixed"), str(out))
-    table = pd.read_parquet(out / "data").set_index("key")
+    table = pd.read_parquet(out / DATA).set_index("key")
     assert sorted(table.index) == sorted(file.path.name for file in corpus.values())
     for file in corpus.values():
         row = table.loc[file.path.name]
@@ -128,7 +129,7 @@ def test_broken_files_become_error_rows_then_retry_errors_recaptions_them(tmp_pa
     config = tmp_path / "run.yaml"
     result = run_cli("run", str(config), "--retry-errors")
     assert result.returncode == 0, result.stderr[-4000:]
-    after = pd.read_parquet(out / "data").set_index("key")
+    after = pd.read_parquet(out / DATA).set_index("key")
     assert sorted(after.index) == sorted(table.index)
     assert after.loc["truncated.jpg"].status == "ok" and after.loc["truncated.jpg"].tags
     assert int((after.status == "error").sum()) == errors_before - 1

@@ -18,9 +18,11 @@ from pipeline.exports.table import open_output
 from pipeline.exports.txt import export_txt
 from pipeline.run.commit import CommitRequest, commit_shard
 from pipeline.run.stages import write_stage
-from pipeline.table.fragments import merge_shard, part_path, staging_dir, write_expected
+from pipeline.table.fragments import merge_shard, write_expected
 from pipeline.table.ledger import Ledger
-from pipeline.table.manifest import public_config, run_metadata
+from pipeline.table.manifest import RunMetadata
+from pipeline.table.names import part_path, staging_dir
+from pipeline.table.records import WriteReport
 from pipeline.table.schema import in_flight_schema, output_schema, to_table
 from pipeline.table.status import status
 from tests.unit.config.test_settings import REPO, base
@@ -261,7 +263,7 @@ def test_fingerprint_follows_every_clean_up_setting():
 
 def test_the_manifest_records_the_rules_only_when_on():
     config = build_config(base(), ["modes.0.cleanup.tags.style=spaces"])
-    described = {mode["name"]: mode for mode in run_metadata(config)["modes"]}
+    described = {mode["name"]: mode for mode in RunMetadata.of(config).modes}
     assert described["tags"]["cleanup"] == {"strip_meta_openings": False, "normalise_whitespace": False,
                                             "tags": {"style": "spaces", "lowercase": False, "dedupe": False,
                                                      "separator": ", "},
@@ -291,11 +293,10 @@ def _cleaning_config(out: Path):
 
 
 def _commit(config, out: Path, shard: str) -> None:
-    manifest = {"fingerprint": config.fingerprint(), **run_metadata(config), "config": public_config(config),
-                "created_at": time.time()}
-    Ledger(str(out)).write_manifest(manifest)
+    metadata = RunMetadata.of(config)
+    Ledger(str(out)).write_manifest({**metadata.manifest(config), "created_at": time.time()})
     Ledger(str(out)).write_plan([])
-    result = commit_shard(CommitRequest(shard, str(out), {}, [m.name for m in config.modes], manifest, False,
+    result = commit_shard(CommitRequest(shard, str(out), {}, [m.name for m in config.modes], metadata, False,
                                         time.time()))
     assert result.marker is not None, result.refused
 
@@ -306,6 +307,8 @@ def test_write_stage_cleans_and_keeps_the_raw_text(tmp_path: Path):
     batch = _captioned_batch("000000", ["tags", "description", "plain"])
     reports = write_stage(batch, str(tmp_path), {}, config.model_dump_json())
     assert reports.to_pylist() == [{"shard": "000000", "shard_size": 3, "keys": ["a.jpg", "b.jpg", "broken.jpg"]}]
+    assert [WriteReport.from_row(row) for row in reports.to_pylist()] == [
+        WriteReport("000000", 3, ["a.jpg", "b.jpg", "broken.jpg"])]
     _commit(config, tmp_path, "000000")
     table = pq.read_table(part_path(str(tmp_path), "000000"))
     assert table.schema.names == output_schema(["tags", "description", "plain"]).names
@@ -328,7 +331,7 @@ def test_exports_and_status_do_not_take_raw_columns_for_modes(tmp_path: Path):
     write_stage(_captioned_batch("000000", ["tags", "description", "plain"]), str(out), {}, config.model_dump_json())
     _commit(config, out, "000000")
     assert open_output(str(out)).mode_names == ["tags", "description", "plain"]
-    assert list(status(str(out))["modes"]) == ["tags", "description", "plain"]
+    assert list(status(str(out)).modes) == ["tags", "description", "plain"]
     export_txt(str(out), str(tmp_path / "txt"))
     assert (tmp_path / "txt" / "a.txt").read_text() == "1girl, long hair\nohwx, A woman reading.\n\n"
     assert export_jsonl(str(out), str(tmp_path / "rows.jsonl")) == 3
@@ -339,7 +342,7 @@ def test_exports_and_status_do_not_take_raw_columns_for_modes(tmp_path: Path):
 def test_write_stage_without_the_config_writes_what_the_actor_made(tmp_path: Path):
     batch = _captioned_batch("000001", ["tags", "description", "plain"])
     write_stage(batch, str(tmp_path), {})
-    (fragment,) = (tmp_path / "_staging" / "000001").glob("*.parquet")
+    (fragment,) = Path(staging_dir(str(tmp_path), "000001")).glob("*.parquet")
     written = pq.read_table(fragment)
     assert written.column("tags").to_pylist() == batch.column("tags").to_pylist()
     assert written.column("tags_raw").null_count == 3
@@ -350,7 +353,7 @@ def test_a_part_file_from_before_the_raw_column_still_merges(tmp_path: Path):
     old_schema = schema.remove(schema.get_field_index("tags_raw"))
     old = to_table({"key": ["a", "b"], "shard": ["000002"] * 2, "status": ["ok", "error"], "tags": ["old", None]},
                    old_schema)
-    (tmp_path / "data").mkdir()
+    Path(part_path(out, "000002")).parent.mkdir()
     pq.write_table(old, part_path(out, "000002"))
     write_expected(out, {}, "000002", ["b"])
     redone = to_table({"key": ["b"], "shard": ["000002"], "status": ["ok"], "tags": ["new"], "tags_raw": ["New"]},

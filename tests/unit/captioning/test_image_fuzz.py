@@ -3,9 +3,11 @@
 Small valid images of every format Pillow writes here (plus EXIF-rotated, animated and odd-mode variants)
 are mutated the ways real corruption and hostile files look: cut short, bit rot, overwritten or shifted
 runs, duplicated chunks, zeroed headers, headers claiming huge sizes, PNG edits with their CRCs fixed (so
-the decoder, not the checksum, sees them) and splices of two files. The run is reproducible (fixed seed,
-round robin over the seeds) and bounded by wall time and input count, whichever comes first;
-IMAGE_FUZZ_SECONDS and IMAGE_FUZZ_INPUTS raise them for a longer soak. `pytest -s` shows the figures.
+the decoder, not the checksum, sees them) and splices of two files. The run is bounded by count, not time:
+IMAGE_FUZZ_INPUTS cases (raise it for a longer soak), case i mutating seed image i (round robin) with a
+generator seeded from (IMAGE_FUZZ_SEED, i) alone, so any case can be replayed by itself on any machine: a
+failure names the case and the command, IMAGE_FUZZ_CASE=<i>[,<j>...] runs just those cases and lets their
+exceptions through. `pytest -s` shows the figures.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import struct
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +29,8 @@ from PIL import Image, features
 from pipeline.captioning.images import SIZE, Prepared, prepare_image
 
 SEED = int(os.environ.get("IMAGE_FUZZ_SEED", "20240611"))
-BUDGET_S = float(os.environ.get("IMAGE_FUZZ_SECONDS", "15"))
-MAX_INPUTS = int(os.environ.get("IMAGE_FUZZ_INPUTS", "40000"))
+INPUTS = int(os.environ.get("IMAGE_FUZZ_INPUTS", "15000"))  # about 15 s on 2 cores
+REPLAY = os.environ.get("IMAGE_FUZZ_CASE")  # case indices, comma-separated: just those, exceptions let through
 # A small limit keeps every input cheap (a mutated header may claim anything up to it); the code path that
 # enforces it is the one the default 64 M limit takes.
 MAX_PIXELS = 2_000_000
@@ -279,36 +281,65 @@ def mutate(rng: random.Random, data: bytes) -> tuple[str, bytes]:
 # ---------------------------------------------------------------------------------------------------- the run
 
 
+@dataclass(frozen=True)
+class Case:
+    """One fuzz input; `fuzz_case(index)` makes it again, anywhere."""
+
+    index: int
+    seed_image: str
+    strategy: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return f"case {self.index} (seed {SEED}): {self.seed_image} / {self.strategy}, {len(self.data)} bytes"
+
+    def replay(self) -> str:
+        return (f"IMAGE_FUZZ_SEED={SEED} IMAGE_FUZZ_CASE={self.index} python -m pytest -s "
+                f"tests/unit/captioning/test_image_fuzz.py::test_mutated_images_never_raise")
+
+
+def fuzz_case(index: int) -> Case:
+    """Case `index`: the seed image by round robin (every format gets its share), mutated by a generator seeded
+    from (SEED, index) alone, so it does not depend on the cases before it or on how fast the machine is."""
+    names = sorted(SEEDS)
+    seed_image = names[index % len(names)]
+    strategy, data = mutate(random.Random(f"{SEED}:{index}"), SEEDS[seed_image])
+    return Case(index, seed_image, strategy, data)
+
+
 @dataclass
 class FuzzSummary:
-    """What a run did. Input N is reproduced by replaying the run with max_inputs=N + 1 (same seed)."""
+    """What a run did; each failure keeps its case, whose `replay()` says how to run it alone."""
 
     tried: Counter[str] = field(default_factory=Counter)  # by seed image
+    mutations: Counter[str] = field(default_factory=Counter)  # by mutation kind (a case may have two)
     ok: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
-    escaped: list[tuple[str, str, int, str]] = field(default_factory=list)  # seed, strategy, input, exception
-    bad_results: list[tuple[str, str, int, str]] = field(default_factory=list)
+    escaped: list[tuple[Case, str]] = field(default_factory=list)  # case, exception
+    bad_results: list[tuple[Case, str]] = field(default_factory=list)  # case, what is wrong with its result
     reasons: Counter[str] = field(default_factory=Counter)  # error reasons up to the first colon
     seconds: float = 0.0
 
     def report(self) -> str:
-        lines = [f"image fuzz: {self.tried.total()} inputs in {self.seconds:.1f} s (seed {SEED}): "
+        lines = [f"image fuzz: {self.tried.total()} cases in {self.seconds:.1f} s (seed {SEED}): "
                  f"{self.ok.total()} ok, {self.errors.total()} errors, {len(self.escaped)} exceptions escaped, "
                  f"{len(self.bad_results)} malformed results",
                  f"  {'seed image':22} {'tried':>6} {'ok':>6} {'errors':>6} {'escaped':>7}"]
-        escaped = Counter(seed for seed, *_ in self.escaped)
+        escaped = Counter(case.seed_image for case, _ in self.escaped)
         lines += [f"  {name:22} {count:6} {self.ok[name]:6} {self.errors[name]:6} {escaped[name]:7}"
                   for name, count in sorted(self.tried.items())]
+        lines.append("  mutations: " + ", ".join(f"{name} {count}" for name, count in sorted(self.mutations.items())))
         lines += [f"  reason {reason!r}: {count}" for reason, count in self.reasons.most_common()]
-        examples: dict[str, str] = {}
-        for seed, strategy, index, exception in self.escaped:
-            examples.setdefault(exception.split(":", 1)[0], f"{seed} / {strategy} / input {index}: {exception}")
-        classes = Counter(exception.split(":", 1)[0] for *_, exception in self.escaped)
-        lines += [f"  escaped {name}: {count}, e.g. {examples[name]}" for name, count in classes.most_common()]
+        classes = Counter(exception.split(":", 1)[0] for _, exception in self.escaped)
+        lines += [f"  escaped {name}: {count}" for name, count in classes.most_common()]
+        failures = [(case, f"raised {exception}") for case, exception in self.escaped]
+        failures += [(case, f"malformed result: {problem}") for case, problem in self.bad_results]
+        for case, problem in failures[:10]:
+            lines += [f"  {case}: {problem}", f"    replay: {case.replay()}"]
+        if len(failures) > 10:
+            lines.append(f"  ... and {len(failures) - 10} more failing cases, IMAGE_FUZZ_CASE="
+                         + ",".join(str(case.index) for case, _ in failures[10:60]))
         return "\n".join(lines)
-
-
-SUMMARY = FuzzSummary()
 
 
 def _check(prepared: object) -> str | None:
@@ -323,26 +354,23 @@ def _check(prepared: object) -> str | None:
     return None if prepared.pixels is None else "error row with pixels"
 
 
-def run_fuzz(summary: FuzzSummary, budget_s: float = BUDGET_S, max_inputs: int = MAX_INPUTS) -> FuzzSummary:
-    rng, names = random.Random(SEED), sorted(SEEDS)
-    start = time.monotonic()
-    for index in range(max_inputs):
-        if time.monotonic() - start > budget_s:
-            break
-        seed = names[index % len(names)]  # round robin: every format gets its share
-        strategy, data = mutate(rng, SEEDS[seed])
-        summary.tried[seed] += 1
+def run_fuzz(summary: FuzzSummary, cases: Iterable[int] = range(INPUTS)) -> FuzzSummary:
+    start = time.monotonic()  # for the figures only: what runs is fixed by the count
+    for index in cases:
+        case = fuzz_case(index)
+        summary.tried[case.seed_image] += 1
+        summary.mutations.update(name for name in case.strategy.split("+") if name in MUTATORS)
         try:
-            prepared = prepare_image(data, "fuzz", MAX_PIXELS)
+            prepared = prepare_image(case.data, "fuzz", MAX_PIXELS)
         except Exception as err:  # the bug under test: record it and go on, to see the whole picture
-            summary.escaped.append((seed, strategy, index, f"{type(err).__name__}: {err}"[:200]))
+            summary.escaped.append((case, f"{type(err).__name__}: {err}"[:200]))
             continue
         if problem := _check(prepared):
-            summary.bad_results.append((seed, strategy, index, problem))
+            summary.bad_results.append((case, problem))
         elif prepared.error is None:
-            summary.ok[seed] += 1
+            summary.ok[case.seed_image] += 1
         else:
-            summary.errors[seed] += 1
+            summary.errors[case.seed_image] += 1
             summary.reasons[prepared.error.split(":", 1)[0].split(" (", 1)[0]] += 1
     summary.seconds = time.monotonic() - start
     return summary
@@ -356,10 +384,28 @@ def test_every_seed_decodes(name: str) -> None:
     assert len(prepared.pixels or b"") == SIZE * SIZE * 3
 
 
+def test_a_case_is_the_same_input_whatever_ran_before_it() -> None:
+    # What makes a failure replayable on its own: no state is shared between cases.
+    first = fuzz_case(1234)
+    run_fuzz(FuzzSummary(), range(50))
+    assert fuzz_case(1234) == first
+    assert fuzz_case(7).data != fuzz_case(7 + len(SEEDS)).data  # same seed image, another mutation
+
+
 def test_mutated_images_never_raise() -> None:
-    summary = run_fuzz(SUMMARY)
+    if REPLAY:  # just these cases, their exceptions and tracebacks let through
+        for index in (int(word) for word in REPLAY.split(",")):
+            case = fuzz_case(index)
+            print(f"\nimage fuzz {case}")
+            problem = _check(prepare_image(case.data, "fuzz", MAX_PIXELS))
+            assert problem is None, f"{case}: malformed result: {problem}"
+        return
+    summary = run_fuzz(FuzzSummary())
     print("\n" + summary.report())
-    assert summary.tried.total() >= 2_000 or summary.seconds < BUDGET_S, "too few inputs to mean much"
     if summary.escaped or summary.bad_results:
-        pytest.fail(summary.report() + "".join(f"\n  malformed: {bad}" for bad in summary.bad_results[:10]))
-    assert summary.ok and summary.errors  # the mix is real: some mutations survive, most do not
+        pytest.fail(summary.report())
+    # Coverage: every seed image and every kind of mutation was tried, and the mix is real (some
+    # mutations survive, most do not).
+    assert set(summary.tried) == set(SEEDS), f"seed images never tried: {set(SEEDS) - set(summary.tried)}"
+    assert set(summary.mutations) == set(MUTATORS), f"mutations never tried: {set(MUTATORS) - set(summary.mutations)}"
+    assert summary.ok and summary.errors

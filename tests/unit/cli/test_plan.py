@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli.plan import one_line, report, sample_size
-from pipeline.cli.plan_report import format_plan
+from pipeline.cli.plan_report import PlanReport, format_plan
 from pipeline.config import RunConfig, build_config
 from pipeline.io.shards import Shard
 from pipeline.run.estimate import (
@@ -249,12 +249,12 @@ def test_tars_are_counted_exactly_when_read_and_estimated_from_a_sample(tmp_path
     config = config_for(folder)
     whole = report(config, _layout("webdataset"), survey(config, "webdataset", None, Ticker(True)), None, None)
     # Three whole tars of 3, and the cut one: 2 good, its cut sample and the unreadable rest.
-    assert (whole["images"], whole["broken"], whole["images_estimated"]) == (13, 2, False)
-    assert set(whole["read"]["reasons"]) == {"sample cut short", "tar damaged after byte N"}
+    assert (whole.images, whole.broken, whole.images_estimated) == (13, 2, False)
+    assert set(whole.read.reasons) == {"sample cut short", "tar damaged after byte N"}
     part = report(config, _layout("webdataset"), survey(config, "webdataset", 2, Ticker(True)), None, None)
-    assert part["read"]["images"] in (3, 4) and part["images_estimated"] and not part["read"]["everything"]
-    assert part["images"] == 4 * part["read"]["images"]  # tars x rows per tar read
-    assert part["bytes"] == sum(path.stat().st_size for path in folder.iterdir())
+    assert part.read.images in (3, 4) and part.images_estimated and not part.read.everything
+    assert part.images == 4 * part.read.images  # tars x rows per tar read
+    assert part.bytes == sum(path.stat().st_size for path in folder.iterdir())
 
 
 def _layout(fmt: str) -> Any:
@@ -264,7 +264,7 @@ def _layout(fmt: str) -> Any:
 
 
 # -------------------------------------------------------------------------------------------------- table
-def _plan(**changes: Any) -> dict[str, Any]:
+def _plan(**changes: Any) -> PlanReport:
     tally = Tally()
     tally.add("a.jpg", "/in/a.jpg", "not an image: no decoder recognises the data", size=12)
     for index in range(9):
@@ -278,7 +278,7 @@ def _plan(**changes: Any) -> dict[str, Any]:
         "estimate": estimate(9000, [128, 256], None, 2).to_dict(),
     }
     plan.update(changes)
-    return plan
+    return PlanReport.from_dict(plan)
 
 
 def test_the_table_says_what_is_estimated_and_from_what():
@@ -305,6 +305,13 @@ def test_the_table_without_reading_or_without_a_count():
     assert "about 1,000" in format_plan(_plan(images=1000, images_estimated=True))
 
 
+# The keys `plan --json` prints, in order (README: `pipeline plan`): scripts read them.
+PLAN_KEYS = ["input", "format", "layout", "shards", "shard_size", "unsized_shards", "images", "images_estimated",
+             "bytes", "bytes_estimated", "extensions", "read", "broken", "broken_share", "broken_estimated",
+             "broken_range", "estimate", "seconds"]
+READ_KEYS = ["everything", "sample", "images", "broken", "reasons", "examples", "formats", "file_bytes", "pixels"]
+
+
 def test_the_json_report_is_plain_json(tmp_path: Path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -312,9 +319,14 @@ def test_the_json_report_is_plain_json(tmp_path: Path):
     (folder / "b.jpg").write_bytes(b"")
     config = config_for(folder)
     plan = report(config, _layout("folder"), survey(config, "folder", 1000, Ticker(True)), None, None)
-    again = json.loads(json.dumps(plan))
+    again = json.loads(json.dumps(plan.to_dict()))
     assert again["images"] == 2 and again["broken"] == 1 and again["read"]["everything"]
     assert again["read"]["reasons"] == {"empty file": 1} and again["estimate"]["images"] == 1
+    assert list(again) == PLAN_KEYS and list(again["read"]) == READ_KEYS
+    assert list(again["seconds"]) == ["listing", "reading"]
+    assert list(again["read"]["file_bytes"]) == ["count", "min", "p50", "p90", "max", "mean"]
+    assert PlanReport.from_dict(again) == plan
+    assert PlanReport.from_dict({**again, "estimate": None}).estimate is None
     assert not Listed().shards
 
 
@@ -341,8 +353,8 @@ def test_parquet_rows_are_known_from_footers_and_sampled_by_shard(tmp_path: Path
     pq.write_table(pa.table({"image": images}), folder / "x.parquet", row_group_size=2)
     config = config_for(folder, input={"uri": str(folder), "shard_size": 2})
     part = report(config, _layout("parquet"), survey(config, "parquet", 2, Ticker(True)), None, None)
-    assert (part["shards"], part["images"], part["images_estimated"]) == (3, 6, False)  # footers: exact
-    assert part["read"]["images"] == 2 and not part["read"]["everything"]  # one shard of two rows
+    assert (part.shards, part.images, part.images_estimated) == (3, 6, False)  # footers: exact
+    assert part.read.images == 2 and not part.read.everything  # one shard of two rows
     whole = report(config, _layout("parquet"), survey(config, "parquet", 1000, Ticker(True)), None, None)
-    assert whole["read"]["everything"] and (whole["images"], whole["broken"]) == (6, 1)
-    assert whole["bytes"] == (folder / "x.parquet").stat().st_size
+    assert whole.read.everything and (whole.images, whole.broken) == (6, 1)
+    assert whole.bytes == (folder / "x.parquet").stat().st_size

@@ -286,3 +286,190 @@ def test_the_example_runtime_env_and_the_kuberay_job_agree_with_the_defaults(tmp
     assert set(submit.DEFAULT_ENV_VARS.items()) <= set(env["env_vars"].items())
     rayjob = yaml.safe_load((REPO / "jobs" / "kuberay-rayjob.yaml").read_text())
     assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"] == submit.DEFAULT_ENV_VARS
+
+
+# Ray 2.60 token authentication (the notes in pipeline/cli/jobs.py): which token is found, when it is sent, and
+# what a job server that asks for one is told.
+TOKEN = "c0ffee-token"
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _home(folder: Path, token: str | None = TOKEN) -> dict[str, str]:
+    """An environment whose HOME is `folder`, holding ~/.ray/auth_token with `token` (none for None)."""
+    if token is not None:
+        (folder / ".ray").mkdir(parents=True, exist_ok=True)
+        (folder / ".ray" / "auth_token").write_text(f"{token}\n")
+    return {"HOME": str(folder)}
+
+
+def test_the_token_is_found_in_rays_order(tmp_path: Path):
+    env = _home(tmp_path / "home", "  from-the-file \n")
+    named = tmp_path / "named-token"
+    named.write_text("from-the-named-file\n")
+    assert jobs.find_token(env) == jobs.Token(str(tmp_path / "home" / ".ray" / "auth_token"), "from-the-file")
+    assert jobs.find_token({**env, "RAY_AUTH_TOKEN_PATH": str(named)}) == \
+        jobs.Token(f"RAY_AUTH_TOKEN_PATH={named}", "from-the-named-file")
+    assert jobs.find_token({**env, "RAY_AUTH_TOKEN_PATH": str(named), "RAY_AUTH_TOKEN": "from-env "}) == \
+        jobs.Token("RAY_AUTH_TOKEN", "from-env")
+    assert jobs.find_token(_home(tmp_path / "empty-home", None)) is None
+    missing = jobs.find_token({**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")})
+    assert missing is not None and missing.value is None and "cannot be read" in missing.problem
+
+
+def test_the_token_found_is_the_one_rays_own_loader_reads(tmp_path: Path):
+    """find_token mirrors Ray's C++ AuthenticationTokenLoader: asked of the installed Ray, in a fresh process."""
+    import subprocess
+    import sys
+
+    named = tmp_path / "named-token"
+    named.write_text("from-the-named-file")
+    cases = [{}, {"RAY_AUTH_TOKEN_PATH": str(named)}, {"RAY_AUTH_TOKEN_PATH": str(named), "RAY_AUTH_TOKEN": "from-env"}]
+    script = (
+        "import json, os, sys\n"
+        "from ray._raylet import AuthenticationTokenLoader\n"
+        "loader = AuthenticationTokenLoader.instance()\n"
+        "for case in json.loads(sys.argv[1]):\n"
+        "    for name in ('RAY_AUTH_TOKEN', 'RAY_AUTH_TOKEN_PATH'):\n"
+        "        os.environ.pop(name, None)\n"
+        "    os.environ.update(case)\n"
+        "    loader.reset_cache()\n"
+        "    print(loader.get_raw_token(ignore_auth_mode=True) if loader.has_token(ignore_auth_mode=True) else '')\n")
+    env = {key: value for key, value in os.environ.items() if key not in AUTH_VARIABLES}
+    env.update(_home(tmp_path / "home", " from-the-file\n"))
+    ran = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    ours = [jobs.find_token({**_home(tmp_path / "home", None), **case}) for case in cases]
+    assert ran.stdout.splitlines() == [token.value if token else "" for token in ours]
+
+
+def test_only_this_machine_counts_as_local():
+    import psutil
+
+    own = sorted((entry.address for entries in psutil.net_if_addrs().values() for entry in entries
+                  if entry.family == socket.AF_INET), key=lambda address: address.startswith("127."))[0]
+    for url in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "http://127.0.0.2:1",
+                "http://0.0.0.0:8265", f"http://{socket.gethostname()}:8265", f"http://{own}:8265"):
+        assert jobs.is_local(url), url
+    for url in ("http://head-node:8265", "http://203.0.113.7:8265", "https://ray.example.com", "ray://head:10001"):
+        assert not jobs.is_local(url), url
+
+
+@pytest.mark.parametrize(("url", "variables", "token_file", "sent"), [
+    # A job server on this machine gets the token found here, as ray.init() sends it to a local cluster.
+    ("http://127.0.0.1:8265", {}, True, TOKEN),
+    ("http://localhost:8265", {"RAY_AUTH_TOKEN": "from-env"}, True, "from-env"),
+    ("http://127.0.0.1:8265", {}, False, None),  # none here: nothing is sent (an open cluster still works)
+    # A remote one never gets this machine's token on its own...
+    ("http://head-node:8265", {}, True, None),
+    ("http://head-node:8265", {"RAY_AUTH_TOKEN": "from-env"}, False, None),
+    # ...but does with RAY_AUTH_MODE=token, as Ray's own clients send it.
+    ("http://head-node:8265", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "from-env"}, False, "from-env"),
+    ("http://head-node:8265", {"RAY_AUTH_MODE": "TOKEN"}, True, TOKEN),
+    # An explicit opt-out is respected.
+    ("http://127.0.0.1:8265", {"RAY_AUTH_MODE": "disabled"}, True, None),
+])
+def test_when_the_token_is_sent(tmp_path: Path, url: str, variables: dict[str, str], token_file: bool,
+                                sent: str | None):
+    env = {**_home(tmp_path, TOKEN if token_file else None), **variables}
+    auth = jobs.client_auth(jobs.resolve_address(url, {}), env)
+    assert auth.headers() == ({"Authorization": f"Bearer {sent}"} if sent else {})
+
+
+def test_an_unreadable_token_path_is_one_line_when_the_token_would_be_sent(tmp_path: Path):
+    env = {**_home(tmp_path), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}
+    with pytest.raises(jobs.JobsError, match=r"RAY_AUTH_TOKEN_PATH names .*missing, which cannot be read"):
+        jobs.client_auth(jobs.resolve_address("http://127.0.0.1:8265", {}), env)
+    remote = jobs.client_auth(jobs.resolve_address("http://head-node:8265", {}), env)  # not sent: no error
+    assert remote.headers() == {}
+
+
+class _TokenServer(http.server.BaseHTTPRequestHandler):
+    """A job server with Ray's token authentication: 401 without a token, 403 with a wrong one (Ray's texts)."""
+
+    def do_GET(self) -> None:
+        header = self.headers.get("Authorization", "")
+        self.server.seen.append(header)  # type: ignore[attr-defined]
+        if not header:
+            status, body = 401, b"Unauthorized: Missing authentication token"
+        elif header != f"Bearer {TOKEN}":
+            status, body = 403, b"Forbidden: Invalid authentication token"
+        elif self.path == "/api/version":
+            status, body = 200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}).encode()
+        elif self.path.startswith("/api/jobs/"):
+            status, body = 200, b"[]"
+        else:
+            status, body = 404, b"not found"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def token_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """A token-protected job server on loopback, and the Authorization headers it saw; HOME is an empty folder
+    and no RAY_AUTH_* variable is set."""
+    for name in AUTH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenServer)
+    server.seen = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server.seen  # type: ignore[attr-defined]
+    server.shutdown()
+
+
+def test_a_local_token_protected_job_server_is_used_with_the_token_file(token_server: tuple[str, list[str]],
+                                                                         capsys: pytest.CaptureFixture[str]):
+    url, seen = token_server
+    _home(Path(os.environ["HOME"]))  # what `ray start --head` found, and what `pipeline` finds: ~/.ray/auth_token
+    assert main(["jobs", "list", "--address", url]) == 0, capsys.readouterr().err
+    assert seen and set(seen) == {f"Bearer {TOKEN}"}
+    assert not any(name in os.environ for name in AUTH_VARIABLES)  # nothing was set for it
+
+
+def test_a_job_server_that_wants_a_token_none_is_found_for_says_what_to_set(token_server: tuple[str, list[str]],
+                                                                            workdir: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            capsys: pytest.CaptureFixture[str]):
+    url, _ = token_server
+    monkeypatch.setattr(submit, "connect", jobs.connect)  # the real one, this time
+    assert main(["submit", str(_config(workdir / "c")), "--address", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: the Ray job server at {url} (from --address) requires "
+                                                   "a token"), err
+    token_file = str(Path(os.environ["HOME"]) / ".ray" / "auth_token")
+    assert all(name in err for name in (token_file, "RAY_AUTH_TOKEN ", "RAY_AUTH_TOKEN_PATH", "ray get-auth-token"))
+
+
+def test_a_wrong_token_or_a_remote_address_without_the_mode_is_one_line(token_server: tuple[str, list[str]],
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]):
+    url, _ = token_server
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-this-clusters")
+    assert main(["jobs", "status", "some-id", "--address", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rejected the token from RAY_AUTH_TOKEN: it is not that cluster's token" in err
+    # The same server seen as a remote one: the token is there but goes only with RAY_AUTH_MODE=token.
+    monkeypatch.setattr(jobs, "is_local", lambda url: False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    assert main(["jobs", "list", "--address", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RAY_AUTH_TOKEN holds one" in err and "set RAY_AUTH_MODE=token" in err
+
+
+def test_a_remote_job_server_with_the_token_in_the_users_environment_keeps_working(
+        token_server: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    url, seen = token_server
+    monkeypatch.setattr(jobs, "is_local", lambda url: False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    assert main(["jobs", "list", "--address", url]) == 0, capsys.readouterr().err
+    assert set(seen) == {f"Bearer {TOKEN}"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -80,14 +81,19 @@ def test_fingerprint_tracks_what_changes_rows_only():
         assert build_config(base(), [change]).fingerprint() != fingerprint, change
 
 
-def test_load_config_fails_fast_on_missing_file_and_bad_yaml(tmp_path: Path):
-    started = time.monotonic()
+def test_load_config_fails_fast_on_missing_file_and_bad_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    caller, sleep = threading.current_thread(), time.sleep
+
+    def no_waiting(seconds: float) -> None:  # fast means no retry backoff: a config error is final
+        assert threading.current_thread() is not caller, f"load_config waited {seconds} s before failing"
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", no_waiting)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("input: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
-    assert time.monotonic() - started < 2
 
 
 def test_cli_flags_override_input_and_output(tmp_path: Path):

@@ -18,14 +18,20 @@ class Output:
 
 
 class ScriptedEngine:
-    """A request's prompt says how many steps it needs ("steps:3"); "refuse" is rejected on add."""
+    """A request's prompt says how many steps it needs ("steps:3"); "refuse" is rejected on add.
 
-    def __init__(self, fail_at_step: int | None = None, hang_at_step: int | None = None) -> None:
+    `pause_at_step`: that step sets `paused` and waits for `resume` before it makes progress, so a test can
+    line things up with the engine mid-batch; `hang_at_step` never returns."""
+
+    def __init__(self, fail_at_step: int | None = None, hang_at_step: int | None = None,
+                 pause_at_step: int | None = None) -> None:
         self.remaining: dict[str, tuple[str, int]] = {}
         self.steps = 0
         self.most_unfinished = 0
         self.fail_at_step = fail_at_step
         self.hang_at_step = hang_at_step
+        self.pause_at_step = pause_at_step
+        self.paused, self.resume = threading.Event(), threading.Event()
         self.added: list[tuple[int, str]] = []  # (engine step when added, prompt)
         self.finished: list[tuple[int, str]] = []  # (engine step when finished, prompt)
         self.kinds: list[object] = []
@@ -48,6 +54,10 @@ class ScriptedEngine:
             raise RuntimeError("EngineCore died")
         if self.hang_at_step == self.steps:
             threading.Event().wait()
+        if self.pause_at_step == self.steps:
+            self.paused.set()
+            if not self.resume.wait(60):
+                raise RuntimeError("the test never resumed the paused engine")
         time.sleep(0.002)
         self.most_unfinished = max(self.most_unfinished, len(self.remaining))
         done = []

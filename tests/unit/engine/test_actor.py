@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import warnings
 
 from pipeline.config import build_config
@@ -77,12 +76,25 @@ def test_a_global_that_vllm_cannot_inspect_sends_the_cpu_engine_to_its_own_proce
 def test_a_new_gpu_actor_waits_for_the_device_to_free_then_starts():
     from pipeline.engine.actor import wait_for_device_memory
 
-    readings = iter([0.05, 0.3, 0.95])
-    started = time.monotonic()
-    wait_for_device_memory(0.9, timeout_s=30, free_share=lambda: next(readings), poll_s=0.01)
-    assert time.monotonic() - started < 5
-    wait_for_device_memory(0.9, timeout_s=0.05, free_share=lambda: 0.1, poll_s=0.01)  # gives up, engine decides
-    wait_for_device_memory(0.9, timeout_s=30, free_share=lambda: None)  # unreadable: no wait
+    def device(*readings: float | None, most: int):
+        """A free share that reads `readings` in turn, then the last one; more than `most` reads fail."""
+        read: list[float | None] = []
+
+        def free_share() -> float | None:
+            assert len(read) < most, f"read the free memory {len(read) + 1} times: it should have stopped waiting"
+            read.append(readings[min(len(read), len(readings) - 1)])
+            return read[-1]
+
+        return free_share, read
+
+    free_share, read = device(0.05, 0.3, 0.95, most=3)
+    wait_for_device_memory(0.9, timeout_s=30, free_share=free_share, poll_s=0.01)
+    assert read == [0.05, 0.3, 0.95]  # waited while too little was free, started once enough was
+    free_share, read = device(0.1, most=1000)
+    wait_for_device_memory(0.9, timeout_s=0.05, free_share=free_share, poll_s=0.01)  # gives up, engine decides
+    free_share, read = device(None, most=1)
+    wait_for_device_memory(0.9, timeout_s=30, free_share=free_share)  # unreadable: no wait
+    assert read == [None]
 
 
 def test_requests_in_flight_come_from_the_config_else_the_engines_batch_limit():

@@ -4,7 +4,8 @@ the batch in the errors the actor turns into a replaced actor."""
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from pipeline.engine.admission import (
 )
 from pipeline.engine.loop import EngineLoop
 from tests.unit.engine.scripted_engine import ScriptedEngine
+from tests.unit.waiting import FakeClock, wait_until
 
 
 def make_request(steps: dict[tuple[int, int, int], int]):
@@ -114,9 +116,44 @@ def test_an_engine_failure_ends_the_batch_and_frees_the_gate():
     assert gate.in_flight == 0
 
 
+class Watched:
+    """An engine loop whose watchdog readings (`stalled_for`) are counted: a test knows when the batch has looked."""
+
+    def __init__(self, loop: EngineLoop) -> None:
+        self.loop, self.looks = loop, 0
+
+    def submit(self, prompts: Sequence[Any], params: Sequence[Any]) -> list[Future[Any]]:
+        return self.loop.submit(prompts, params)
+
+    def stalled_for(self) -> float:
+        stalled = self.loop.stalled_for()
+        self.looks += 1  # after the reading: a look counted after an advance may have read the time before it
+        return stalled
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.loop.failure
+
+
 def test_a_hung_engine_step_ends_the_batch_after_the_stall_timeout():
-    loop = EngineLoop(ScriptedEngine(hang_at_step=2))
-    started = time.monotonic()
-    with pytest.raises(EngineStalledError, match="no progress"):
-        run_batch(loop, AdmissionGate(8), 2, 1, make_request({}), judge_retrying(set()), stall_timeout_s=0.4)
-    assert 0.4 <= time.monotonic() - started < 5
+    clock = FakeClock()
+    engine = ScriptedEngine(hang_at_step=2)
+    loop = Watched(EngineLoop(engine, clock=clock))
+    outcome: dict[str, BaseException | None] = {}
+
+    def batch() -> None:
+        try:
+            run_batch(loop, AdmissionGate(8), 2, 1, make_request({}), judge_retrying(set()), stall_timeout_s=0.4)
+            outcome["error"] = None
+        except BaseException as error:
+            outcome["error"] = error
+
+    threading.Thread(target=batch, daemon=True).start()
+    wait_until(lambda: engine.steps == 2, what="the engine step that hangs")
+    clock.advance(0.39)  # just under the stall timeout: the batch keeps waiting
+    looked = loop.looks
+    wait_until(lambda: loop.looks >= looked + 2 or outcome, what="the batch to look at the stalled engine")
+    assert outcome == {}, "the watchdog ended the batch before the stall timeout"
+    clock.advance(0.02)  # past it
+    wait_until(lambda: outcome, what="the watchdog to end the batch")
+    assert isinstance(outcome["error"], EngineStalledError) and "no progress" in str(outcome["error"])

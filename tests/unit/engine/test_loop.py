@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from pipeline.engine.loop import EngineLoop, EngineLoopStoppedError
 from tests.unit.engine.scripted_engine import ScriptedEngine
+from tests.unit.waiting import FakeClock, wait_until
 
 
 def params(count: int) -> list[SamplingParams]:
@@ -35,7 +35,7 @@ def test_outputs_come_back_in_request_order_though_they_finish_out_of_order():
 
 
 def test_a_second_batch_joins_the_engine_while_the_first_is_still_running():
-    engine = ScriptedEngine()
+    engine = ScriptedEngine(pause_at_step=5)
     loop = EngineLoop(engine)
     results: dict[str, list[str]] = {}
 
@@ -44,10 +44,14 @@ def test_a_second_batch_joins_the_engine_while_the_first_is_still_running():
 
     first = threading.Thread(target=batch, args=("first", ["steps:40"] * 4))
     first.start()
-    while engine.steps < 5:  # the first batch is under way
-        time.sleep(0.001)
-    batch("second", ["steps:2"] * 3)
-    first.join()
+    wait_until(engine.paused.is_set, what="the first batch to be under way (engine paused at step 5 of 40)")
+    second = threading.Thread(target=batch, args=("second", ["steps:2"] * 3))
+    second.start()
+    wait_until(lambda: loop.in_flight() == 7, what="the second batch to be queued behind the first")
+    engine.resume.set()
+    for thread in (first, second):
+        thread.join(30)
+        assert not thread.is_alive(), f"{thread.name} never finished"
     assert results == {"first": ["steps:40"] * 4, "second": ["steps:2"] * 3}
     assert engine.most_unfinished == 7  # both batches were in the engine together
     loop.shutdown()
@@ -74,8 +78,7 @@ def test_shutdown_releases_waiters_and_refuses_new_work():
     engine = ScriptedEngine()
     loop = EngineLoop(engine)
     futures = loop.submit(["steps:100000"], params(1))
-    while engine.steps == 0:  # the request is in the engine
-        time.sleep(0.001)
+    wait_until(lambda: engine.steps > 0, what="the request to be in the engine")
     assert loop.in_flight() == 1
     loop.shutdown()
     with pytest.raises(EngineLoopStoppedError):
@@ -109,20 +112,25 @@ def test_a_failed_build_raises_in_the_caller_and_leaves_no_loop_running():
     before = threading.active_count()
     with pytest.raises(OSError, match="no such model"):
         EngineLoop(build=build)
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: threading.active_count() <= before, what="the loop thread to end")
     assert threading.active_count() == before
     with pytest.raises(ValueError, match="an engine or a build function"):
         EngineLoop()
 
 
 def test_idle_time_counts_only_the_time_without_any_request():
-    loop = EngineLoop(ScriptedEngine())
-    time.sleep(0.2)  # nothing to do
-    loop.generate(["steps:50"], params(1))  # about 0.1 s of steps, none of it idle
-    idle = loop.idle_s
-    assert 0.15 <= idle < 0.3
+    clock = FakeClock()
+
+    class Timed(ScriptedEngine):
+        def step(self):  # type: ignore[no-untyped-def]
+            clock.advance(0.002)  # each step takes 2 ms
+            return super().step()
+
+    loop = EngineLoop(Timed(), clock=clock)
+    wait_until(lambda: clock.reads >= 1, what="the loop to start idling")
+    clock.advance(0.2)  # nothing to do
+    loop.generate(["steps:50"], params(1))  # 0.1 s of steps, none of it idle
+    assert loop.idle_s == pytest.approx(0.2)
     loop.shutdown()
 
 

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.io.fs import open_fs, write_atomic
-from pipeline.table.fragments import part_path, staging_dir
 from pipeline.table.ledger import Ledger
+from pipeline.table.names import part_path, staging_dir
 from pipeline.table.records import Marker
 from pipeline.table.schema import output_schema, to_table
 

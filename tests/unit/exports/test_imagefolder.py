@@ -14,7 +14,7 @@ from pipeline.exports.imagefolder import ImagefolderCounts, export_imagefolder
 from pipeline.exports.names import relative_segments
 from pipeline.exports.sources import LinkError
 from pipeline.exports.targets import TargetError
-from pipeline.table.fragments import part_path
+from pipeline.table.names import manifest_path, part_path
 from tests.unit.exports.fake_output import (
     COLORS,
     MODES,
@@ -226,10 +226,10 @@ def test_a_failed_export_leaves_the_folder_as_it_was(fake_output: FakeOutput, tm
 
 
 def test_modes_that_clash_with_the_loaders_columns_are_refused(fake_output: FakeOutput, tmp_path: Path) -> None:
-    manifest_path = fake_output.output / "_manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest_file = Path(manifest_path(str(fake_output.output)))
+    manifest = json.loads(manifest_file.read_text())
     manifest["modes"].append({"name": "thumb_file_name"})
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"\['thumb_file_name'\] cannot be imagefolder columns"):
         export_imagefolder(str(fake_output.output), str(tmp_path / "hf"))
     assert export_imagefolder(str(fake_output.output), str(tmp_path / "hf"), ["tags"]).written == len(COLORS)

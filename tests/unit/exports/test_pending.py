@@ -10,13 +10,14 @@ import pytest
 from pipeline.cli.main import main
 from pipeline.exports.pending import describe_pending
 from pipeline.table.ledger import Ledger
+from pipeline.table.records import StatusReport
 from tests.unit.exports.fake_output import FakeOutput, build_real_output, jpeg, write_tar
 
 
-def _report(**changes: Any) -> dict[str, Any]:
+def _report(**changes: Any) -> StatusReport:
     report = {"plan_complete": True, "shards_planned": 10, "shards_committed": 10, "shards_pending": 0,
               "images_known": 1000, "images_done": 1000}
-    return {**report, **changes}
+    return StatusReport(output="/out", **{**report, **changes})
 
 
 def test_describe_pending() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.exports.table import check_modes, committed_files, iter_batches, iter_rows, open_output
+from pipeline.table.names import part_name, part_path
 from tests.unit.exports.fake_output import FakeOutput
 
 
@@ -24,7 +25,7 @@ def test_committed_files_are_exactly_the_committed_table_for_any_reader(fake_out
     import pyarrow.dataset as pads
 
     files = committed_files(str(fake_output.output))
-    assert [Path(f).name for f in files] == ["part-000000.parquet", "part-000001.parquet"]  # not 000002
+    assert [Path(f).name for f in files] == [part_name("000000"), part_name("000001")]  # not 000002
     keys = pads.dataset(files, format="parquet").to_table(columns=["key"]).column("key").to_pylist()
     assert sorted(keys) == sorted(fake_output.rows)
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall() == [(len(fake_output.rows),)]
@@ -40,7 +41,7 @@ def test_rows_stream_in_small_batches(fake_output: FakeOutput) -> None:
 
 def test_marker_without_part_file_is_skipped_with_a_warning(fake_output: FakeOutput,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    (fake_output.output / "data" / "part-000001.parquet").unlink()
+    Path(part_path(str(fake_output.output), "000001")).unlink()
     with caplog.at_level(logging.WARNING, logger="pipeline.exports"):
         rows = list(iter_rows(open_output(str(fake_output.output)), ["shard"]))
     assert {row["shard"] for row in rows} == {"000000"}

@@ -1,4 +1,4 @@
-"""Seeded, time-bounded mutation fuzz of tar and Parquet inputs: no damage makes planning or reading raise.
+"""Seeded, count-bounded mutation fuzz of tar and Parquet inputs: no damage makes planning or reading raise.
 
 Valid tars (several samples with .json/.txt members; ustar, GNU and pax headers) and Parquet files
 (several row groups; a bytes column and a Hugging Face {bytes, path} column; several encodings) are
@@ -6,7 +6,10 @@ mutated: truncated at random offsets, bytes flipped, runs overwritten, blocks ze
 or cut out. Each mutated input (one or two containers in folders) is planned and every shard read.
 Checked: no exception escapes, keys are unique across the input, each record is data or an error with a
 reason, a known shard size matches its records, and after a truncation every sample wholly before the
-cut is there with its exact bytes. FUZZ_SECONDS (default 15) bounds the time, FUZZ_SEED picks the seed.
+cut is there with its exact bytes. FUZZ_INPUTS cases are run (raise it for a longer soak), FUZZ_SEED picks
+the seed. The base containers come from the seed; case i is drawn by a generator seeded from (FUZZ_SEED, i)
+alone, so it does not depend on the cases before it or on how fast the machine is: a failure names its case
+and the command to replay it, FUZZ_CASE=<i>[,<j>...] runs just those cases and lets their exceptions through.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import os
 import random
 import shutil
 import tarfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +31,9 @@ import pyarrow.parquet as pq
 from pipeline.config import InputConfig
 from pipeline.io.sources import Record, plan_shards, read_shard
 
-SECONDS = float(os.environ.get("FUZZ_SECONDS", "15"))
 SEED = int(os.environ.get("FUZZ_SEED", "20240607"))
+INPUTS = int(os.environ.get("FUZZ_INPUTS", "3600"))  # about 15 s on 2 cores
+REPLAY = os.environ.get("FUZZ_CASE")  # case indices, comma-separated: just those, exceptions let through
 
 
 @dataclass
@@ -149,43 +152,96 @@ def _check(records: list[Record], bases: dict[str, Base], cuts: dict[str, int | 
                 assert by_key[f"{prefix}/{key}"].data == image, (prefix, key, cut)
 
 
-def test_mutated_containers_never_break_planning_or_reading(tmp_path: Path) -> None:
+@dataclass
+class Case:
+    """One fuzz input: which base container, how each copy of it was mutated, the shard size."""
+
+    index: int
+    base: str
+    folders: dict[str, list[str]]  # folder -> the mutations of its copy, in order
+    shard_size: int
+
+    def __str__(self) -> str:
+        copies = "; ".join(f"{folder}/: {'+'.join(names)}" for folder, names in self.folders.items())
+        return f"case {self.index} (seed {SEED}): {self.base}, {copies}, shard size {self.shard_size}"
+
+    def replay(self) -> str:
+        return (f"FUZZ_SEED={SEED} FUZZ_CASE={self.index} python -m pytest -s "
+                "tests/unit/io/test_container_fuzz.py::test_mutated_containers_never_break_planning_or_reading")
+
+
+def make_bases() -> dict[str, Base]:
     rng = random.Random(SEED)
-    bases = [_tar(rng, form) for form in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT)]
-    bases += [_parquet(rng, variant) for variant in range(3)]
+    forms = {"tar-ustar": tarfile.USTAR_FORMAT, "tar-gnu": tarfile.GNU_FORMAT, "tar-pax": tarfile.PAX_FORMAT}
+    bases = {name: _tar(rng, form) for name, form in forms.items()}
+    variants = ("parquet-snappy", "parquet-plain", "parquet-zstd-v2")
+    bases.update({name: _parquet(rng, variant) for variant, name in enumerate(variants)})
+    return bases
+
+
+def draw_case(index: int, bases: dict[str, Base]) -> tuple[Case, dict[str, bytes]]:
+    """Case `index`: one base, one or two mutated copies of it (folder -> bytes), a shard size."""
+    rng = random.Random(f"{SEED}:{index}")
+    name = rng.choice(sorted(bases))
+    folders: dict[str, list[str]] = {}
+    files: dict[str, bytes] = {}
+    for folder in ("a", "b")[: rng.randint(1, 2)]:
+        folders[folder] = rng.sample(list(MUTATIONS), rng.randint(1, 2))
+        data = bases[name].data
+        for mutation in folders[folder]:
+            data = MUTATIONS[mutation](rng, data) or b"\x00"
+        files[folder] = data
+    return Case(index, name, folders, rng.randint(1, 30)), files
+
+
+def run_case(case: Case, files: dict[str, bytes], bases: dict[str, Base], tmp_path: Path) -> list[Record]:
+    """Plan and read one case, then check it; an AssertionError says which case failed and how to replay it."""
+    root = tmp_path / f"case-{case.index:05d}"
+    base = bases[case.base]
+    placed: dict[str, Base] = {}
+    cuts: dict[str, int | None] = {}
+    for folder, data in files.items():
+        (root / folder).mkdir(parents=True)
+        (root / folder / ("x.tar" if base.kind == "tar" else "x.parquet")).write_bytes(data)
+        placed[f"{folder}/x"] = base
+        cuts[f"{folder}/x"] = len(data) if case.folders[folder] == ["truncate"] else None
+    try:
+        records = _read_input(root, shard_size=case.shard_size)
+        _check(records, placed, cuts)
+    except AssertionError as error:
+        raise AssertionError(f"{case}: {error}\n  input kept in {root}\n  replay: {case.replay()}") from error
+    shutil.rmtree(root)
+    return records
+
+
+def test_mutated_containers_never_break_planning_or_reading(tmp_path: Path) -> None:
+    bases = make_bases()
+    if REPLAY:  # just these cases, their exceptions and tracebacks let through
+        for index in (int(word) for word in REPLAY.split(",")):
+            case, files = draw_case(index, bases)
+            print(f"\ncontainer fuzz {case}")
+            records = run_case(case, files, bases, tmp_path)
+            print(f"  {len(records)} records, {sum(record.error is not None for record in records)} error records")
+        return
     figures: Counter[str] = Counter()
     escaped: list[str] = []
-    deadline = time.monotonic() + SECONDS
-    while time.monotonic() < deadline:
-        base = rng.choice(bases)
-        extension = ".tar" if base.kind == "tar" else ".parquet"
-        root = tmp_path / f"input-{figures['inputs']:05d}"
-        placed: dict[str, Base] = {}
-        cuts: dict[str, int | None] = {}
-        for folder in ("a", "b")[: rng.randint(1, 2)]:
-            names = rng.sample(list(MUTATIONS), rng.randint(1, 2))
-            data = base.data
-            for name in names:
-                data = MUTATIONS[name](rng, data) or b"\x00"
-                figures[f"mutation {name}"] += 1
-            (root / folder).mkdir(parents=True)
-            (root / folder / f"x{extension}").write_bytes(data)
-            placed[f"{folder}/x"] = base
-            cuts[f"{folder}/x"] = len(data) if names == ["truncate"] else None
-        figures["inputs"] += 1
+    for index in range(INPUTS):
+        case, files = draw_case(index, bases)
+        figures[f"base {case.base}"] += 1
+        figures.update(f"mutation {name}" for names in case.folders.values() for name in names)
         try:
-            records = _read_input(root, shard_size=rng.randint(1, 30))
+            records = run_case(case, files, bases, tmp_path)
         except AssertionError:
             raise
         except Exception as err:  # counted and reported: none may escape
-            escaped.append(f"{type(err).__name__}: {err}"[:300])
+            escaped.append(f"{case}: {type(err).__name__}: {err}"[:400] + f"\n    replay: {case.replay()}")
             continue
-        _check(records, placed, cuts)
-        shutil.rmtree(root)
         figures["records"] += len(records)
         figures["error records"] += sum(record.error is not None for record in records)
-    print(f"\ncontainer fuzz (seed {SEED}, {SECONDS:.0f} s): {figures['inputs']} inputs, {figures['records']} records, "
+    print(f"\ncontainer fuzz (seed {SEED}): {INPUTS} cases, {figures['records']} records, "
           f"{figures['error records']} error records, {len(escaped)} exceptions escaped; "
-          + ", ".join(f"{name}: {count}" for name, count in sorted(figures.items()) if name.startswith("mutation")))
-    assert escaped == []
-    assert figures["inputs"] >= 500
+          + ", ".join(f"{name}: {count}" for name, count in sorted(figures.items()) if name.startswith(("base", "mu"))))
+    assert escaped == [], "exceptions escaped:\n  " + "\n  ".join(escaped[:10])
+    # Coverage: every base container and every kind of mutation was tried.
+    assert {f"base {name}" for name in bases} <= set(figures), figures
+    assert {f"mutation {name}" for name in MUTATIONS} <= set(figures), figures

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +13,7 @@ import pytest
 from pipeline.config import InputConfig
 from pipeline.io import sharding as plan
 from pipeline.io.sources import Record, Shard, plan_shards, read_shard
+from tests.unit.waiting import wait_until
 
 
 def values(count: int, start: int = 0) -> list[bytes]:
@@ -114,20 +114,24 @@ def test_footers_are_read_in_parallel_in_listing_order_and_streamed(tmp_path: Pa
         write(tmp_path / "in" / f"{index:02d}.parquet", 5, 5, start=index * 5)
     monkeypatch.setattr(plan, "FOOTER_WORKERS", 3)
     running, most, read_footers = 0, 0, 0
+    finished: set[int] = set()
     lock = threading.Lock()
     real = plan.footer_rows
 
     def footer_rows(*args: object) -> list[int] | None:
         nonlocal running, most, read_footers
+        index = int(str(args[1])[-10:-8])
         with lock:
             running, read_footers = running + 1, read_footers + 1
             most = max(most, running)
-        time.sleep(0.01 if int(str(args[1])[-10:-8]) % 2 else 0.03)  # uneven: finishing order differs
         try:
+            if index % 2 == 0:  # uneven: each even file finishes after the next one, so finishing order differs
+                wait_until(lambda: index + 1 in finished, what=f"footer {index + 1:02d} read while {index:02d} waits")
             return real(*args)  # type: ignore[arg-type]
         finally:
             with lock:
                 running -= 1
+                finished.add(index)
 
     monkeypatch.setattr(plan, "footer_rows", footer_rows)
     shards = plan_shards(InputConfig(uri=str(tmp_path / "in")))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from pipeline.config import build_config
 from pipeline.run.commit import CommitRequest, Committer, commit_shard
+from pipeline.run.hooks import AFTER_PART_FILE, RunHooks
 from pipeline.run.progress import Progress
-from pipeline.table.fragments import part_path, write_expected, write_fragments
+from pipeline.table.fragments import write_expected, write_fragments
 from pipeline.table.ledger import Ledger
+from pipeline.table.names import part_path, staging_dir
+from pipeline.table.records import WriteReport
 from pipeline.table.schema import in_flight_schema, to_table
 
 
@@ -26,8 +30,9 @@ def _arrive(committer: Committer, out: Path, shard: str, keys: list[str], size: 
     rows = len(keys)
     table = to_table({"key": keys, "shard": [shard] * rows, "status": ["ok"] * rows, "tags": ["a cat"] * rows,
                       "shard_size": [None] * (rows - 1) + [size]}, in_flight_schema(["tags"]))
-    for report in write_fragments(table, str(out), {}):
-        committer.add(report["shard"], report["shard_size"], report["keys"])
+    for row in write_fragments(table, str(out), {}):
+        report = WriteReport.from_row(row)  # as the driver reads the write stage's rows back
+        committer.add(report.shard, report.shard_size, report.keys)
 
 
 def test_a_shard_commits_once_its_last_row_says_how_many_keys_it_has(tmp_path: Path):
@@ -42,7 +47,7 @@ def test_a_shard_commits_once_its_last_row_says_how_many_keys_it_has(tmp_path: P
     assert marker.commit_s is not None and marker.commit_s >= 0
     assert pq.read_table(part_path(str(out), "000000")).column("key").to_pylist() == ["a", "b", "c"]
     assert Ledger(str(out)).marker("000000") == marker
-    assert not (out / "_staging" / "000000").exists()
+    assert not Path(staging_dir(str(out), "000000")).exists()
 
 
 def test_a_shard_whose_fragments_are_short_is_refused_and_handed_back(tmp_path: Path):
@@ -50,13 +55,13 @@ def test_a_shard_whose_fragments_are_short_is_refused_and_handed_back(tmp_path: 
     committer = _committer(out)
     write_expected(str(out), {}, "000001", ["a", "b", "c"])
     _arrive(committer, out, "000001", ["a"], None)
-    for fragment in (out / "_staging" / "000001").glob("*.parquet"):
+    for fragment in Path(staging_dir(str(out), "000001")).glob("*.parquet"):
         fragment.unlink()  # lost: what a second run's clean-up did to the first run before leases
     _arrive(committer, out, "000001", ["b", "c"], 3)
     assert not committer.committed and "1 missing" in committer.refused["000001"]
     assert not Path(part_path(str(out), "000001")).exists() and Ledger(str(out)).marker("000001") is None
     assert committer.take_unfinished() == ["000001"]
-    assert not (out / "_staging" / "000001").exists() and not committer.refused
+    assert not Path(staging_dir(str(out), "000001")).exists() and not committer.refused
 
 
 def test_a_report_that_undercounts_the_shard_never_commits_it_short(tmp_path: Path):
@@ -68,13 +73,28 @@ def test_a_report_that_undercounts_the_shard_never_commits_it_short(tmp_path: Pa
     assert not Path(part_path(str(out), "000003")).exists()
 
 
+def test_a_commit_calls_its_pause_hook_between_the_part_file_and_the_marker(tmp_path: Path):
+    out = tmp_path / "out"
+    committer = _committer(out)
+    seen: list[tuple[str, bool, bool]] = []  # (moment, part file written, marker written)
+
+    def pause(moment: str) -> None:
+        marker = Ledger(str(out)).marker("000004")
+        seen.append((moment, Path(part_path(str(out), "000004")).exists(), marker is not None))
+
+    committer.hooks = RunHooks(pause=pause)
+    write_expected(str(out), {}, "000004", ["a"])
+    _arrive(committer, out, "000004", ["a"], 1)
+    assert seen == [(AFTER_PART_FILE, True, False)] and committer.committed
+
+
 def test_commit_shard_is_safe_to_run_twice(tmp_path: Path):
     out = tmp_path / "out"
     write_expected(str(out), {}, "000002", ["a"])
     committer = _committer(out)
     _arrive(committer, out, "000002", ["a"], 1)
     first = Ledger(str(out)).marker("000002")
-    request = CommitRequest("000002", str(out), {}, ["tags"], {"fingerprint": "f"}, False, 0.0)
+    request = CommitRequest("000002", str(out), {}, ["tags"], committer.metadata, False, 0.0)
     again = commit_shard(request)  # staging is gone: a retried task finds the marker and stops there
     assert again.marker == first and again.refused is None
 
@@ -133,6 +153,7 @@ def test_error_reasons_are_counted_by_kind_and_the_verdict_names_them():
     import pytest
 
     from pipeline.run.driver import UnhealthyOutputError, check_health
+    from pipeline.run.records import RunSummary
     from pipeline.table.records import Marker, Totals, reason_kind
 
     assert reason_kind("empty file (0 bytes)") == "empty file"
@@ -143,10 +164,11 @@ def test_error_reasons_are_counted_by_kind_and_the_verdict_names_them():
                                              "error_reasons": {"not an image": 2, "empty file": 1}}),
                         Marker.of("000001", {"rows": 2, "ok": 2, "errors": 0})])
     assert totals.error_share == 0.5 and list(totals.error_reasons) == ["not an image", "empty file"]
-    summary = {"images": totals.rows, "ok": totals.ok, "errors": totals.errors, "error_reasons": totals.error_reasons}
+    summary = RunSummary(output="out", images=totals.rows, ok=totals.ok, errors=totals.errors,
+                         error_reasons=totals.error_reasons)
     check_health(summary, 0.5)  # at the limit: fine
     with pytest.raises(UnhealthyOutputError, match=r"50% of the rows are errors.*not an image \(2\)"):
         check_health(summary, 0.4)
     with pytest.raises(UnhealthyOutputError, match="no image was captioned"):
-        check_health({**summary, "ok": 0}, 1.0)
-    check_health({"images": 0, "ok": 0, "errors": 0, "error_reasons": {}}, 0.5)  # nothing planned
+        check_health(dataclasses.replace(summary, ok=0), 1.0)
+    check_health(RunSummary(output="out"), 0.5)  # nothing planned

@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import build_config
 from pipeline.run.planning import UnitSet, prepare_output, unit_hash
 from pipeline.table.ledger import Ledger
+from pipeline.table.names import plan_done_path, plan_path
 from pipeline.table.records import Marker
 
 
@@ -71,8 +72,8 @@ def test_a_plan_cut_short_is_planned_again(tmp_path: Path):
     _images(folder, [f"{i}.jpg" for i in range(5)])
     config, ledger = _config(folder, out), Ledger(str(out))
     prepare_output(ledger, config, {"fingerprint": config.fingerprint()})
-    (out / "_plan" / "_complete.json").unlink()  # killed while planning
-    (out / "_plan" / "000002.json").unlink()
+    Path(plan_done_path(str(out))).unlink()  # killed while planning
+    Path(plan_path(str(out), "000002")).unlink()
     work = prepare_output(ledger, config, {})
     assert work.pending == ["000000", "000001", "000002"] and work.plan["images_known"] == 5
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-import time
 
 import pytest
 
 from pipeline.cli.console import Console, ProgressDisplay
 from pipeline.run.progress import Progress, format_duration
 from pipeline.table.records import Marker
+from tests.unit.waiting import FakeClock, wait_until
 
 
 def marker(rows: int, errors: int = 0, glitched: int = 0) -> Marker:
@@ -18,13 +18,15 @@ def marker(rows: int, errors: int = 0, glitched: int = 0) -> Marker:
 
 
 def test_the_line_says_images_rate_eta_shards_errors_and_glitches():
-    progress = Progress(total_shards=4, done_shards=0, images_known=40, mode_names=["tags"], interval=3600)
+    clock = FakeClock()
+    progress = Progress(total_shards=4, done_shards=0, images_known=40, mode_names=["tags"], interval=3600,
+                        clock=clock)
     assert progress.line().startswith("images 0/40 | starting")
     progress.images_arrived(10)
-    progress.first_image_at = time.monotonic() - 5  # 10 images in 5 s: 2/s, 30 left: 15 s
+    clock.advance(5)  # 10 images in 5 s: 2/s, 30 left: 15 s
     progress.shard_done(marker(10, errors=1, glitched=2))
     line = progress.line()
-    assert line.startswith("images 10/40 | 2.0") and "ETA 15 s" in line
+    assert line.startswith("images 10/40 | 2.00/s") and "ETA 15 s" in line
     assert "shards 1/4" in line and "errors 1" in line and "glitches 22.2%" in line
 
 
@@ -43,9 +45,10 @@ def test_without_a_terminal_the_display_prints_plain_lines_and_the_first_caption
     console.err = io.StringIO()
     progress = Progress(total_shards=2, done_shards=0, images_known=8, mode_names=["tags"])
     with ProgressDisplay(console, progress):
-        time.sleep(2.5)  # the starting line
+        wait_until(lambda: "starting" in console.err.getvalue(), what="the starting line")
         progress.images_arrived(4)
-        time.sleep(2.5)  # the first captions are shown without waiting for the interval
+        # The first captions are shown without waiting for the interval (an hour).
+        wait_until(lambda: "images 4/8" in console.err.getvalue(), what="the line with the first captions")
     lines = console.err.getvalue().splitlines()
     assert len(lines) == 2 and "starting" in lines[0] and lines[1].startswith("images 4/8")
     assert "\r" not in console.err.getvalue()

@@ -9,9 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.io.fs import temporary_beside
 from pipeline.io.sources import Shard
-from pipeline.table.fragments import IncompleteShardError, merge_shard, part_path, write_expected, write_fragments
+from pipeline.table.fragments import IncompleteShardError, merge_shard, write_expected, write_fragments
 from pipeline.table.ledger import FingerprintMismatchError, ForeignOutputError, Ledger
+from pipeline.table.names import DATA, PLAN, expected_path, part_name, part_path, staging_dir
 from pipeline.table.records import Marker
 from pipeline.table.schema import in_flight_schema, output_schema, to_table
 
@@ -31,7 +33,7 @@ def test_fragments_are_idempotent_and_merge_to_one_row_per_key(tmp_path: Path):
     assert reports == [{"shard": "000001", "shard_size": 3, "keys": ["a", "b"]}]
     write_fragments(_batch("000001", ["b", "a"], "first", 3), out, {})  # a retried task: same file again
     write_fragments(_batch("000001", ["c"], "second", 3), out, {})
-    assert len(list((tmp_path / "_staging" / "000001").glob("*.parquet"))) == 2
+    assert len(list(Path(staging_dir(out, "000001")).glob("*.parquet"))) == 2
     table = merge_shard(out, {}, "000001", output_schema(MODES), {"fingerprint": "f"})
     assert table.column("key").to_pylist() == ["a", "b", "c"]
     written = pq.read_table(part_path(out, "000001"))
@@ -66,8 +68,8 @@ def test_size_is_reported_from_the_last_row_only(tmp_path: Path):
 def test_a_commit_that_is_not_exactly_the_shards_keys_writes_nothing(tmp_path: Path, expected, fragments, reason):
     out = str(tmp_path)
     json_keys = list(expected)
-    (tmp_path / "_staging" / "000007").mkdir(parents=True)
-    (tmp_path / "_staging" / "000007" / "_expected.json").write_text(json.dumps(json_keys))
+    Path(staging_dir(out, "000007")).mkdir(parents=True)
+    Path(expected_path(out, "000007")).write_text(json.dumps(json_keys))
     for keys in fragments:
         write_fragments(_batch("000007", keys, "x", len(expected)), out, {})
     with pytest.raises(IncompleteShardError, match=reason):
@@ -96,8 +98,8 @@ def test_a_foreign_folder_is_refused_unless_allowed(tmp_path: Path):
     with pytest.raises(ForeignOutputError, match=r"not empty and not a pipeline output.*--allow-existing"):
         Ledger(str(tmp_path)).check_target()
     Ledger(str(tmp_path)).check_target(allow_existing=True)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "photo.jpg").write_bytes(b"jpg")
+    (tmp_path / DATA).mkdir()
+    (tmp_path / DATA / "photo.jpg").write_bytes(b"jpg")
     with pytest.raises(ForeignOutputError, match="already holds data"):
         Ledger(str(tmp_path)).check_target(allow_existing=True)
     assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
@@ -113,12 +115,12 @@ def test_wipe_removes_only_what_the_pipeline_wrote(tmp_path: Path):
     merge_shard(str(tmp_path), {}, "000000", output_schema(MODES), {})
     ledger.write_marker(Marker.of("000000", {"rows": 1}))
     write_expected(str(tmp_path), {}, "000001", ["1.jpg"])  # a shard in flight
-    (tmp_path / "data" / "mine.parquet").write_bytes(b"a user's file beside the table")
-    (tmp_path / "_plan" / "notes.md").write_bytes(b"a user's note")
+    (tmp_path / DATA / "mine.parquet").write_bytes(b"a user's file beside the table")
+    (tmp_path / PLAN / "notes.md").write_bytes(b"a user's note")
     assert "1 committed shards (1 rows)" in ledger.describe_contents()
     ledger.wipe()
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert left == sorted([*files, "data/mine.parquet", "_plan/notes.md"])
+    assert left == sorted([*files, f"{DATA}/mine.parquet", f"{PLAN}/notes.md"])
     assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
 
 
@@ -137,16 +139,17 @@ def test_ledger_plan_markers_fingerprint_and_leftovers(tmp_path: Path):
     assert ledger.committed_ids() == {"000003"}
     assert ledger.markers()[0].shard == "000003"
 
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / f".tmp-{'0' * 32}-part-000004.parquet").write_bytes(b"half")
-    (tmp_path / "data" / "part-000003.parquet").write_bytes(b"rows")
-    (tmp_path / "data" / "part-000005.parquet").write_bytes(b"rows")
-    (tmp_path / "data" / "part-000006.parquet").write_bytes(b"killed between part file and marker")
+    data = tmp_path / DATA
+    data.mkdir()
+    Path(temporary_beside(part_path(str(tmp_path), "000004"))).write_bytes(b"half")  # a killed local write's
+    Path(part_path(str(tmp_path), "000003")).write_bytes(b"rows")
+    Path(part_path(str(tmp_path), "000005")).write_bytes(b"rows")
+    Path(part_path(str(tmp_path), "000006")).write_bytes(b"killed between part file and marker")
     ledger.write_marker(Marker.of("000005", {"rows": 1, "ok": 1, "errors": 0}))
     assert ledger.remove_uncommitted_parts(ledger.committed_ids()) == 2
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-000003.parquet", "part-000005.parquet"]
+    assert sorted(p.name for p in data.iterdir()) == [part_name("000003"), part_name("000005")]
     ledger.uncommit("000003")  # back to pending: no marker, no part file; others untouched
     assert ledger.committed_ids() == {"000005"}
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-000005.parquet"]
+    assert sorted(p.name for p in data.iterdir()) == [part_name("000005")]
     ledger.wipe()
     assert not list(tmp_path.iterdir())

@@ -18,6 +18,8 @@ import pytest
 from pipeline.io.fs import open_fs, write_atomic
 from pipeline.table import lease as lease_module
 from pipeline.table.lease import LeaseHeldError, LeaseInfo, LeaseLostError, OutputLease, read_lease
+from pipeline.table.names import lease_path
+from tests.unit.waiting import FakeClock, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -30,23 +32,36 @@ def output(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"s3://{bucket}/runs/out"
 
 
-def forge(output: str, **changes: object) -> LeaseInfo:
-    """Write a lease record as another run would have, by default a fresh one from another host."""
-    now = time.time()
+def forge(output: str, now: float | None = None, **changes: object) -> LeaseInfo:
+    """Write a lease record as another run would have, by default a fresh one from another host (`now` is the
+    time it was renewed: wall time unless a test's clock says otherwise)."""
+    now = time.time() if now is None else now
     info = LeaseInfo(holder="f" * 32, host="other-host", pid=4242, proc_start="linux:1", machine="other-machine",
                      user="someone", command="pipeline run other.yaml", acquired_at=now - 100, renewed_at=now,
                      expires_at=now + 2.0, ttl_s=2.0)
     info = dataclasses.replace(info, **changes)
     fs, root = open_fs(output)
-    write_atomic(fs, f"{root}/_lease.json", info.to_bytes())  # readers never see half a record
+    write_atomic(fs, lease_path(root), info.to_bytes())  # readers never see half a record
     return info
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return bool(condition())
+def wall_clock() -> FakeClock:
+    """A fake wall clock that starts at the real time (records forged with the real time still make sense)."""
+    return FakeClock(time.time())
+
+
+def recorder(waits: list[float], then: Callable[[], object] = lambda: None) -> Callable[[LeaseInfo, float], None]:
+    """An `on_wait` that records the seconds left at each poll, then runs `then` (time passing, a renewal...)."""
+    def on_wait(info: LeaseInfo, left: float) -> None:
+        waits.append(left)
+        then()
+
+    return on_wait
+
+
+def never_wait(info: LeaseInfo, left: float) -> None:
+    """An `on_wait` for a holder that must not be waited for (acquire calls it at every poll of a wait)."""
+    raise AssertionError(f"acquire waited for {info.host} pid {info.pid} ({left:.1f} s left on its lease)")
 
 
 def test_acquire_release(output: str) -> None:
@@ -63,14 +78,13 @@ def test_acquire_release(output: str) -> None:
 
 
 def test_second_acquire_refused_naming_the_holder(output: str) -> None:
-    first = OutputLease(output, ttl_s=30)
+    clock = wall_clock()
+    first = OutputLease(output, ttl_s=30, clock=clock)
     first.acquire()
-    second = OutputLease(output, ttl_s=30)
+    second = OutputLease(output, ttl_s=30, clock=clock)
     for wait in (False, True):  # a live holder is never waited for
-        started = time.monotonic()
         with pytest.raises(LeaseHeldError) as refused:
-            second.acquire(wait=wait)
-        assert time.monotonic() - started < 1
+            second.acquire(wait=wait, on_wait=never_wait)
         message = str(refused.value)
         assert f"host {socket.gethostname()}, pid {os.getpid()}" in message
         assert "last heartbeat 0 s ago" in message and "One writer per output" in message
@@ -81,13 +95,15 @@ def test_second_acquire_refused_naming_the_holder(output: str) -> None:
 
 
 def test_context_manager_heartbeats_and_releases(output: str) -> None:
-    with OutputLease(output, ttl_s=0.9) as lease:
-        time.sleep(2.0)  # well past the ttl
-        stored = read_lease(output)
-        assert stored.holder == lease.holder and stored.is_live()  # 'held', or 'stale' on a loaded machine
+    clock = wall_clock()
+    with OutputLease(output, ttl_s=0.9, clock=clock) as lease:
+        clock.advance(2.0)  # well past the ttl
+        stored = wait_until(lambda: (info := read_lease(output)).renewed_at >= info.acquired_at + 2.0 and info,
+                            what="a heartbeat after the ttl has passed")
+        assert stored.holder == lease.holder and stored.state(clock()) == "held"
         assert stored.renewed_at > stored.acquired_at + 1.0
         with pytest.raises(LeaseHeldError):
-            OutputLease(output).acquire(wait=False)
+            OutputLease(output, clock=clock).acquire(wait=False)
         lease.check()
     assert read_lease(output) is None
 
@@ -103,9 +119,7 @@ def test_killed_run_on_this_host_is_taken_over_at_once(output: str) -> None:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
         assert read_lease(output).state() == "gone"
-        started = time.monotonic()
-        OutputLease(output).acquire(wait=False)  # its lease had 60 s left
-        assert time.monotonic() - started < 1
+        OutputLease(output).acquire(wait=True, on_wait=never_wait)  # at once, though its lease had 60 s left
     finally:
         child.kill()
         child.wait()
@@ -120,9 +134,8 @@ def test_killed_but_unreaped_process_counts_as_gone(output: str) -> None:
         forge(output, host=mine.host, machine=mine.machine, pid=child.pid, proc_start=start,
               expires_at=time.time() + 60)
         assert read_lease(output).state() == "held"
-        os.kill(child.pid, signal.SIGKILL)
-        time.sleep(0.2)  # a zombie until reaped
-        assert read_lease(output).state() == "gone"
+        os.kill(child.pid, signal.SIGKILL)  # a zombie until reaped (in `finally`)
+        wait_until(lambda: read_lease(output).state() == "gone", what="the killed, unreaped holder to count as gone")
     finally:
         child.kill()
         child.wait()
@@ -146,18 +159,25 @@ def test_same_hostname_on_another_machine_is_remote(output: str) -> None:
 
 
 def test_remote_holder_that_stopped_renewing_is_waited_for(output: str) -> None:
-    now = time.time()
-    forge(output, renewed_at=now - 1.4, expires_at=now + 0.6)  # ttl 2 s: last heartbeat more than 2/3 ttl ago
-    assert read_lease(output).state() == "stale" and read_lease(output).is_live()
-    lease = OutputLease(output)
+    clock = wall_clock()
+    now = clock()
+    stale = forge(output, now, renewed_at=now - 1.4, expires_at=now + 0.6)  # ttl 2 s: last heartbeat > 2/3 ttl ago
+    clock.advance(0.05)  # a moment later
+    assert read_lease(output).state(clock()) == "stale" and read_lease(output).is_live(clock())
+    lease = OutputLease(output, clock=clock)
     with pytest.raises(LeaseHeldError, match=r"other-host.*may be dead") as refused:
         lease.acquire(wait=False)
     expiry = lease_module._when(refused.value.info.expires_at)
     assert f"wait until {expiry} or delete {lease.uri}" in str(refused.value)
     waits: list[tuple[str, float]] = []
-    started = time.monotonic()
-    mine = lease.acquire(wait=True, on_wait=lambda info, left: waits.append((info.host, left)))
-    assert time.monotonic() - started >= 0.4
+
+    def waiting(info: LeaseInfo, left: float) -> None:
+        waits.append((info.host, left))
+        assert len(waits) <= 20, "still waiting, long after the lease expired"
+        clock.advance(0.1)  # the poll's sleep
+
+    mine = lease.acquire(wait=True, on_wait=waiting)
+    assert mine.acquired_at >= stale.expires_at  # taken over once the holder's lease had expired, not before
     assert mine.holder == lease.holder == read_lease(output).holder
     assert waits and {host for host, _ in waits} == {"other-host"}
     assert 0 < waits[0][1] <= 0.6 and waits[-1][1] < waits[0][1]
@@ -165,16 +185,20 @@ def test_remote_holder_that_stopped_renewing_is_waited_for(output: str) -> None:
 
 
 def test_remote_holder_that_renews_while_we_wait_is_refused(output: str) -> None:
-    now = time.time()
-    stale = forge(output, renewed_at=now - 1.4, expires_at=now + 0.6)
-    renewer = threading.Timer(0.3, lambda: forge(output, renewed_at=time.time(), expires_at=time.time() + 2,
-                                                 acquired_at=stale.acquired_at))
-    renewer.start()
+    clock = wall_clock()
+    now = clock()
+    stale = forge(output, now, renewed_at=now - 1.4, expires_at=now + 0.6)
     waits: list[float] = []
+
+    def meanwhile() -> None:
+        assert len(waits) <= 20, "still waiting, long after the holder renewed"
+        clock.advance(0.1)  # the poll's sleep
+        if len(waits) == 3:  # the holder was alive after all: it renews (expiry 2 s ahead) while we wait
+            forge(output, clock(), acquired_at=stale.acquired_at)
+
     with pytest.raises(LeaseHeldError, match="other-host"):
-        OutputLease(output).acquire(wait=True, on_wait=lambda info, left: waits.append(left))
-    renewer.join()
-    assert waits and read_lease(output).holder == stale.holder
+        OutputLease(output, clock=clock).acquire(wait=True, on_wait=recorder(waits, meanwhile))
+    assert len(waits) == 3 and read_lease(output).holder == stale.holder
 
 
 def test_expired_remote_lease_is_taken_over(output: str) -> None:
@@ -230,7 +254,7 @@ def test_heartbeat_detects_a_takeover(output: str) -> None:
     new = dataclasses.replace(read_lease(output), holder="f" * 32, command="the new run", pid=1)
     while backend.replace_if(backend.read()[1], new.to_bytes()) is None:
         pass
-    assert wait_for(lambda: reasons)  # `lost` is set just before on_lost is called
+    wait_until(lambda: reasons, what="the heartbeat to notice the takeover")  # `lost` is set just before on_lost
     assert first.lost and len(reasons) == 1 and "taken over" in reasons[0] and "the new run" in reasons[0]
     with pytest.raises(LeaseLostError):
         first.check()
@@ -249,8 +273,9 @@ def test_release_never_deletes_another_holders_lease(output: str) -> None:
 
 
 def test_transient_renewal_errors_are_retried_until_expiry(output: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    lease = OutputLease(output, ttl_s=0.9)
-    lease.acquire()
+    clock = wall_clock()
+    lease = OutputLease(output, ttl_s=0.9, clock=clock)
+    acquired = lease.acquire().acquired_at
     failures = {"left": 2}
     replace_if = lease._backend.replace_if
 
@@ -262,11 +287,16 @@ def test_transient_renewal_errors_are_retried_until_expiry(output: str, monkeypa
 
     monkeypatch.setattr(lease._backend, "replace_if", flaky)
     lease.start_heartbeat()
-    assert wait_for(lambda: failures["left"] == 0 and read_lease(output).renewed_at > lease.info.acquired_at)
-    assert not lease.lost and read_lease(output).is_live()
-    failures["left"] = 10**6  # now it never comes back: lost once the lease has expired
-    assert wait_for(lambda: lease.lost)
-    assert "before it expired" in lease.lost_reason and read_lease(output).expires_at <= time.time()
+    clock.advance(0.5)  # short of expiry (0.9 s)
+    wait_until(lambda: failures["left"] == 0 and read_lease(output).renewed_at > acquired,
+               what="a renewal after two failed tries")
+    assert not lease.lost and read_lease(output).state(clock()) == "held"
+    failures["left"] = never = 10**6  # now it never comes back: lost once the lease has expired
+    wait_until(lambda: failures["left"] <= never - 3, what="three more failed renewals")
+    assert not lease.lost  # retried: the lease is still good until it expires
+    clock.advance(1.0)  # past expiry
+    wait_until(lambda: lease.lost, what="the lease to count as lost at expiry")
+    assert "before it expired" in lease.lost_reason and read_lease(output).expires_at <= clock()
     lease.release()
 
 

@@ -8,15 +8,17 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli.main import main
 from pipeline.io.sources import Shard
-from pipeline.table.lease import LEASE, OutputLease
+from pipeline.table.lease import OutputLease
 from pipeline.table.ledger import Ledger
-from pipeline.table.records import Marker
+from pipeline.table.names import LEASE, plan_done_path, staging_dir
+from pipeline.table.records import Marker, ModeReport, StatusReport
 from pipeline.table.status import format_status, status
 
 T0 = 1_700_000_000.0  # manifest created_at
@@ -39,10 +41,10 @@ def build(root: Path, staging_mtime: float | None = None, complete_plan: bool = 
     shards = [Shard(f"{i:06d}", "files", "/in", [f"{i}-{j}.jpg" for j in range(10)], 10) for i in range(5)]
     ledger.write_plan(shards)
     if not complete_plan:
-        (root / "_plan" / "_complete.json").unlink()
+        Path(plan_done_path(str(root))).unlink()
     for index, at in enumerate((T0 + 900, T0 + 930, T0 + 960)):
         ledger.write_marker(Marker.of(f"{index:06d}", _marker(at)))
-    fragment = root / "_staging" / "000003" / "abc.parquet"
+    fragment = Path(staging_dir(str(root), "000003")) / "abc.parquet"
     fragment.parent.mkdir(parents=True)
     fragment.write_bytes(b"PAR1")
     if staging_mtime is not None:
@@ -52,16 +54,16 @@ def build(root: Path, staging_mtime: float | None = None, complete_plan: bool = 
 
 def test_counts_rates_and_eta_of_a_live_run(tmp_path: Path) -> None:
     report = status(build(tmp_path, staging_mtime=T0 + 1000, live=True), now=T0 + 1010)
-    assert (report["shards_planned"], report["shards_committed"], report["shards_pending"]) == (5, 3, 2)
-    assert report["shards_staging"] == ["000003"] and report["plan_complete"]
-    assert (report["images_done"], report["ok"], report["errors"], report["images_known"]) == (30, 27, 3, 50)
-    assert list(report["modes"]) == ["tags", "description"]
-    assert report["modes"]["tags"] == {"captions": 27, "glitched": 3, "tokens": 270, "retries": 3,
-                                       "glitch_rate": round(3 / 27, 4)}
-    assert report["throughput_images_per_s"] == round(30 / 960, 3)
-    assert report["live"] and report["last_activity_at"] == pytest.approx(T0 + 1000)
-    assert report["shard_rate_per_s"] == pytest.approx(2 / 60, rel=1e-3)  # two intervals in 60 s
-    assert report["eta_s"] == pytest.approx(60.0)  # 2 pending shards at one per 30 s
+    assert (report.shards_planned, report.shards_committed, report.shards_pending) == (5, 3, 2)
+    assert report.shards_staging == ["000003"] and report.plan_complete
+    assert (report.images_done, report.ok, report.errors, report.images_known) == (30, 27, 3, 50)
+    assert list(report.modes) == ["tags", "description"]
+    assert report.modes["tags"] == ModeReport(captions=27, glitched=3, tokens=270, retries=3,
+                                              glitch_rate=round(3 / 27, 4))
+    assert report.throughput_images_per_s == round(30 / 960, 3)
+    assert report.live and report.last_activity_at == pytest.approx(T0 + 1000)
+    assert report.shard_rate_per_s == pytest.approx(2 / 60, rel=1e-3)  # two intervals in 60 s
+    assert report.eta_s == pytest.approx(60.0)  # 2 pending shards at one per 30 s
     text = format_status(report)
     assert "3 committed, 2 pending, 1 in progress" in text
     assert "30 done (27 captioned, 3 errors)" in text
@@ -72,7 +74,7 @@ def test_counts_rates_and_eta_of_a_live_run(tmp_path: Path) -> None:
 def test_recent_writes_without_a_lease_are_not_live(tmp_path: Path) -> None:
     """A run stopped by Ctrl-C released its lease: however recent its last write, it is not live."""
     report = status(build(tmp_path, staging_mtime=T0), now=T0 + 1000)
-    assert not report["live"] and report["last_activity_at"] == T0 + 960 and report["eta_s"] is None
+    assert not report.live and report.last_activity_at == T0 + 960 and report.eta_s is None
     assert "idle, last write 40 s ago" in format_status(report)
 
 
@@ -82,14 +84,14 @@ def test_the_lease_of_a_killed_run_is_not_live(tmp_path: Path) -> None:
                             "OutputLease(sys.argv[1]).acquire(wait=False)", root], check=True, cwd=Path.cwd())
     assert child.returncode == 0 and (tmp_path / LEASE).exists()  # exited without releasing: as if killed
     report = status(root, now=time.time())
-    assert not report["live"] and report["lease"]["state"] == "gone"
+    assert not report.live and report.lease is not None and report.lease.state == "gone"
     assert "its run stopped without finishing" in format_status(report)
 
 
 def test_an_idle_run_has_no_eta(tmp_path: Path) -> None:
     report = status(build(tmp_path, staging_mtime=T0), now=T0 + 5000)
-    assert not report["live"] and report["eta_s"] is None and report["shard_rate_per_s"] is None
-    assert report["throughput_images_per_s"] == round(30 / 960, 3)  # unchanged by how long it sat idle
+    assert not report.live and report.eta_s is None and report.shard_rate_per_s is None
+    assert report.throughput_images_per_s == round(30 / 960, 3)  # unchanged by how long it sat idle
     assert "idle, last write 1 h 07 min ago" in format_status(report)
 
 
@@ -98,20 +100,20 @@ def test_a_finished_run_says_complete(tmp_path: Path) -> None:
     for index in (3, 4):
         Ledger(str(tmp_path)).write_marker(Marker.of(f"{index:06d}", _marker(T0 + 990 + index)))
     report = status(str(tmp_path), now=T0 + 4000)
-    assert report["shards_pending"] == 0 and "complete, last write" in format_status(report)
+    assert report.shards_pending == 0 and "complete, last write" in format_status(report)
 
 
 def test_plan_still_being_written(tmp_path: Path) -> None:
     report = status(build(tmp_path, staging_mtime=T0, complete_plan=False), now=T0 + 1000)
-    assert not report["plan_complete"] and report["shards_planned"] == 5 and report["images_known"] is None
+    assert not report.plan_complete and report.shards_planned == 5 and report.images_known is None
     assert "(still planning)" in format_status(report)
 
 
 def test_a_new_run_with_nothing_done(tmp_path: Path) -> None:
     Ledger(str(tmp_path)).write_manifest({"fingerprint": "fp", "created_at": time.time(), "modes": [{"name": "t"}]})
     report = status(str(tmp_path))
-    assert (report["shards_planned"], report["images_done"], report["throughput_images_per_s"]) == (0, 0, None)
-    assert not report["live"] and report["modes"]["t"]["glitch_rate"] == 0.0
+    assert (report.shards_planned, report.images_done, report.throughput_images_per_s) == (0, 0, None)
+    assert not report.live and report.modes["t"].glitch_rate == 0.0
     assert "nothing committed or in progress yet" in format_status(report)
 
 
@@ -130,10 +132,28 @@ def test_cli_status_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "3 committed, 2 pending" in capsys.readouterr().out
 
 
+# The keys `status --json` prints, in order (README: pipeline status): scripts read them.
+STATUS_KEYS = ["output", "fingerprint", "model", "created_at", "plan_complete", "images_known", "shards_planned",
+               "shards_committed", "shards_pending", "shards_staging", "images_done", "ok", "errors", "error_share",
+               "error_reasons", "modes", "throughput_images_per_s", "last_commit_at", "last_activity_at", "live",
+               "lease", "shard_rate_per_s", "eta_s", "checked_at"]
+
+
+def test_the_report_has_the_json_keys_and_reads_back_from_them(tmp_path: Path) -> None:
+    report = status(build(tmp_path, staging_mtime=T0 + 1000, live=True), now=T0 + 1010)
+    printed = json.loads(json.dumps(report.to_dict()))
+    assert list(printed) == STATUS_KEYS
+    assert list(printed["lease"]) == ["state", "host", "pid", "renewed_at", "expires_at"]
+    assert list(printed["modes"]["tags"]) == ["captions", "glitched", "tokens", "retries", "glitch_rate"]
+    assert StatusReport.from_dict(printed) == report
+    assert StatusReport.from_dict({**printed, "lease": None, "added_later": 1}) == replace(report, lease=None)
+    assert StatusReport.from_dict({"output": "o"}).finished is False  # what an older writer lacks: defaults
+
+
 def test_status_on_s3(tmp_path: Path, s3_bucket: str, s3_fs) -> None:
     s3_fs.put(build(tmp_path / "local") + "/", f"{s3_bucket}/run/", recursive=True)
     report = status(f"s3://{s3_bucket}/run", now=time.time())
-    assert (report["shards_planned"], report["shards_committed"], report["shards_staging"]) == (5, 3, ["000003"])
-    assert report["output"] == f"s3://{s3_bucket}/run"
-    assert not report["live"]  # no run holds the lease
-    assert report["last_activity_at"] == pytest.approx(time.time(), abs=60)  # the staging object's LastModified
+    assert (report.shards_planned, report.shards_committed, report.shards_staging) == (5, 3, ["000003"])
+    assert report.output == f"s3://{s3_bucket}/run"
+    assert not report.live  # no run holds the lease
+    assert report.last_activity_at == pytest.approx(time.time(), abs=60)  # the staging object's LastModified

@@ -1,41 +1,73 @@
-"""The fault switch the self-healing tests use: off by default, once per file, and the replacement runs clean."""
+"""The fault hooks the self-healing and crash tests give a run: a spec checked when built, once per file, the
+replacement runs clean, and every hook survives pickling (it travels to actors and commit tasks)."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
 from vllm.sampling_params import SamplingParams
 
-from pipeline.testing.faults import ENV, FaultyEngine, InjectedEngineFaultError, with_faults
+from pipeline.run.hooks import AFTER_PART_FILE, RunHooks
+from pipeline.testing.faults import EngineFaults, Fault, FaultyEngine, InjectedEngineFaultError, PauseAt
 from tests.unit.engine.scripted_engine import ScriptedEngine
 
 
-def test_unset_leaves_the_engine_as_it_is(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(ENV, raising=False)
-    engine = ScriptedEngine()
-    assert with_faults(engine) is engine
+def test_a_spec_is_parsed_into_its_faults(tmp_path: Path):
+    faults = EngineFaults(f"raise@3:{tmp_path / 'one'}, hang@12")
+    assert faults.faults == (Fault("raise", 3, str(tmp_path / "one")), Fault("hang", 12))
 
 
-def test_a_fault_fires_at_its_step_once_per_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setenv(ENV, f"raise@2:{tmp_path / 'fired'}")
-    first = with_faults(ScriptedEngine())
+@pytest.mark.parametrize("spec", ["explode@2", "raise@x", "raise@0", "raise", "hang@-1", "", " , "])
+def test_a_malformed_spec_is_refused_when_built(spec: str):
+    with pytest.raises(ValueError, match=r"raise@STEP|no fault"):
+        EngineFaults(spec)
+
+
+def test_a_fault_fires_at_its_step_once_per_file(tmp_path: Path):
+    faults = EngineFaults(f"raise@2:{tmp_path / 'fired'}")
+    first = faults.wrap(ScriptedEngine())
     assert isinstance(first, FaultyEngine)
     first.add_request("0", "steps:5", SamplingParams(max_tokens=4))
     first.step()
     with pytest.raises(InjectedEngineFaultError):
         first.step()
-    assert with_faults(second := ScriptedEngine()) is second  # the replacement actor's engine is clean
+    assert (tmp_path / "fired").exists()
+    assert faults.wrap(second := ScriptedEngine()) is second  # the replacement actor's engine is clean
 
 
-def test_a_malformed_setting_is_refused(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(ENV, "explode@x")
-    with pytest.raises(ValueError, match="raise@STEP"):
-        with_faults(ScriptedEngine())
+def test_a_fault_without_a_once_file_reaches_every_actor():
+    faults = EngineFaults("hang@7")
+    assert all(isinstance(faults.wrap(ScriptedEngine()), FaultyEngine) for _ in range(3))
 
 
-def test_successive_actors_take_successive_faults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setenv(ENV, f"raise@3:{tmp_path / 'one'},hang@4:{tmp_path / 'two'}")
-    first, second, third = (with_faults(ScriptedEngine()) for _ in range(3))
+def test_successive_actors_take_successive_faults(tmp_path: Path):
+    faults = EngineFaults(f"raise@3:{tmp_path / 'one'},hang@4:{tmp_path / 'two'}")
+    first, second, third = (faults.wrap(ScriptedEngine()) for _ in range(3))
     assert (first._kind, first._at_step) == ("raise", 3) and (second._kind, second._at_step) == ("hang", 4)
     assert isinstance(third, ScriptedEngine)
+
+
+def test_the_hooks_survive_pickling_and_keep_their_once_files(tmp_path: Path):
+    hooks = RunHooks(engine=EngineFaults(f"raise@2:{tmp_path / 'fired'}"), pause=PauseAt(AFTER_PART_FILE, 0.5))
+    copy = pickle.loads(pickle.dumps(hooks))
+    assert copy.pause == hooks.pause and copy.engine.faults == hooks.engine.faults
+    assert isinstance(copy.engine.wrap(ScriptedEngine()), FaultyEngine)  # in the actor's process, say
+    assert hooks.engine.wrap(engine := ScriptedEngine()) is engine  # the copy took the once-file
+
+
+def test_a_pause_holds_at_its_moment_only(monkeypatch: pytest.MonkeyPatch):
+    slept: list[float] = []
+    monkeypatch.setattr("pipeline.testing.faults.time.sleep", slept.append)
+    pause = PauseAt.parse(f"{AFTER_PART_FILE}:0.2")
+    pause("another_moment")
+    assert slept == []
+    pause(AFTER_PART_FILE)
+    assert slept == [0.2]
+
+
+@pytest.mark.parametrize("text", ["after_part_file", "after_part_file:soon", "before_lunch:2", "after_part_file:-1"])
+def test_a_malformed_pause_is_refused(text: str):
+    with pytest.raises(ValueError, match="pause"):
+        PauseAt.parse(text)

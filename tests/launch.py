@@ -1,0 +1,49 @@
+"""The pipeline's CLI with test hooks: `python tests/launch.py [--engine-fault SPEC] [--pause MOMENT:SECONDS] ARGS`.
+
+ARGS are the usual `pipeline` arguments (`run CONFIG ...`). The hooks are built from pipeline/testing/faults.py
+and handed to `pipeline.cli.main.main`; the `pipeline` command itself has no way to take them.
+
+  --engine-fault SPEC     KIND@STEP[:ONCE_FILE],...: an actor's engine raises (`raise`) or hangs (`hang`) at
+                          its step STEP; with ONCE_FILE only the first actor that creates the file gets it
+  --pause MOMENT:SECONDS  hold each commit that reaches MOMENT (after_part_file) for SECONDS
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from pipeline.cli.main import main
+from pipeline.run.hooks import RunHooks
+from pipeline.testing.faults import EngineFaults, PauseAt
+
+T = TypeVar("T")
+
+
+def _flag_value(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """`parse` for argparse: its ValueError's own message becomes the usage error (argparse would drop it)."""
+
+    def parse_flag(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse_flag
+
+
+def split_hooks(argv: Sequence[str]) -> tuple[RunHooks, list[str]]:
+    """The hooks the launcher's flags ask for, and the arguments left for the pipeline's CLI."""
+    # Exact flag names only: an abbreviation must not swallow one of the pipeline's own options.
+    parser = argparse.ArgumentParser(prog="tests/launch.py", allow_abbrev=False, add_help=False)
+    parser.add_argument("--engine-fault", type=_flag_value(EngineFaults))
+    parser.add_argument("--pause", type=_flag_value(PauseAt.parse))
+    flags, rest = parser.parse_known_args(argv)
+    return RunHooks(engine=flags.engine_fault, pause=flags.pause), rest
+
+
+if __name__ == "__main__":
+    hooks, rest = split_hooks(sys.argv[1:])
+    sys.exit(main(rest, hooks=hooks))
