@@ -1,5 +1,8 @@
 """Sidecar captions: one `.txt` per captioned image, one mode per line (the seed's dual-caption layout).
 
+The extension may be another (`.caption` for kohya's sd-scripts), and `one_mode` writes one mode's caption
+alone, on one line (kohya reads only a caption file's first line unless its `--enable_wildcard` is on).
+
 Keys and sources come from the input (file names, tar members, list files) and are not trusted. A
 key is cut down to plain path segments, and the resolved target (symlinks followed) must still lie
 under the export root, or the row is refused with a warning: nothing is ever written outside it.
@@ -27,6 +30,7 @@ from pipeline.io.fs import is_local, open_fs, write_atomic
 
 log = logging.getLogger("pipeline.exports.txt")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+_EXTENSION = re.compile(r"\.[\w-][\w.-]{0,31}")
 WARNINGS_SHOWN = 20  # per export: a hostile input must not flood the log
 WRITERS = 8  # files written at once (object stores are latency-bound)
 
@@ -50,10 +54,22 @@ def safe_segments(key: str) -> list[str]:
     return [segment for segment in cleaned.split("/") if segment not in ("", ".", "..")]
 
 
-def txt_name(name: str) -> str:
-    """`a.jpg` -> `a.txt`; a name without an image extension keeps it (`000001` -> `000001.txt`)."""
-    stem, extension = posixpath.splitext(name)
-    return (stem if stem and extension.lower() in IMAGE_EXTENSIONS else name) + ".txt"
+def txt_name(name: str, extension: str = ".txt") -> str:
+    """`a.jpg` -> `a.txt`; a name without an image extension keeps it (`000001` -> `000001.txt`).
+    `extension` replaces `.txt` (`.caption` for kohya's sd-scripts)."""
+    stem, suffix = posixpath.splitext(name)
+    return (stem if stem and suffix.lower() in IMAGE_EXTENSIONS else name) + extension
+
+
+def check_extension(extension: str) -> str:
+    """`--extension` as a suffix starting with a dot (`caption` -> `.caption`); refused when it is not a plain
+    suffix, or an image extension (the sidecar would take an image's name, beside the images even its place)."""
+    text = extension if extension.startswith(".") else "." + extension
+    if not _EXTENSION.fullmatch(text) or ".." in text:
+        raise ValueError(f"--extension {extension!r} is not a plain file extension like .txt or .caption")
+    if text.lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"--extension {extension!r} is an image extension; sidecars would take images' names")
+    return text
 
 
 def one_line(text: str) -> str:
@@ -102,16 +118,16 @@ class _Refusals:
             log.warning("more rows refused; the count is in the export result")
 
 
-def _target_in(confinement: Confinement, key: str) -> tuple[str | None, str]:
+def _target_in(confinement: Confinement, key: str, extension: str) -> tuple[str | None, str]:
     segments = safe_segments(key)
     if not segments:
         return None, "key has no usable path segment"
-    segments[-1] = txt_name(segments[-1])
+    segments[-1] = txt_name(segments[-1], extension)
     target = confinement.resolve(posixpath.join(confinement.root, *segments))
     return target, "" if target else "target resolves outside the export folder"
 
 
-def _target_beside(confinement: Confinement, row: dict[str, Any]) -> tuple[str | None, str]:
+def _target_beside(confinement: Confinement, row: dict[str, Any], extension: str) -> tuple[str | None, str]:
     source = row.get("source")
     if row.get("member") is not None or not source:
         return None, "image is inside an archive or table, not a file of the input folder"
@@ -124,7 +140,7 @@ def _target_beside(confinement: Confinement, row: dict[str, Any]) -> tuple[str |
     directory, name = posixpath.split(path)
     if not name:
         return None, "source names no file"
-    target = confinement.resolve(posixpath.join(directory, txt_name(name)))
+    target = confinement.resolve(posixpath.join(directory, txt_name(name, extension)))
     return target, "" if target else "source lies outside the input folder"
 
 
@@ -140,7 +156,7 @@ def _write_one(fs: fsspec.AbstractFileSystem, path: str, data: bytes, overwrite:
 
 
 def _jobs(output: Output, modes: list[str], confinement: Confinement, beside_images: bool,
-          counts: TxtCounts) -> Iterator[tuple[str, bytes]]:
+          counts: TxtCounts, extension: str) -> Iterator[tuple[str, bytes]]:
     refuse = _Refusals(counts)
     columns = ["key", "source", "member", "status", *modes]
     for shard in output.shards:
@@ -151,9 +167,9 @@ def _jobs(output: Output, modes: list[str], confinement: Confinement, beside_ima
                     counts.skipped_errors += 1
                     continue
                 if beside_images:
-                    target, reason = _target_beside(confinement, row)
+                    target, reason = _target_beside(confinement, row, extension)
                 else:
-                    target, reason = _target_in(confinement, row["key"])
+                    target, reason = _target_in(confinement, row["key"], extension)
                 if target is None:
                     refuse(row["key"], reason)
                 elif target in seen:
@@ -175,11 +191,17 @@ def _input_root(output: Output) -> Confinement:
 
 def export_txt(output_uri: str, target_dir: str | None, modes: list[str] | None = None,
                storage_options: dict[str, Any] | None = None, *, beside_images: bool = False,
-               overwrite: bool = False) -> TxtCounts:
+               overwrite: bool = False, extension: str = ".txt", one_mode: str | None = None) -> TxtCounts:
     """Write `<key without image extension>.txt` under `target_dir` for every ok row (or, with
-    `beside_images`, next to each source image of a local folder input) and count what happened."""
+    `beside_images`, next to each source image of a local folder input) and count what happened.
+    `extension` replaces `.txt`; `one_mode` writes that mode's caption alone, on one line."""
+    extension = check_extension(extension)
+    if one_mode is not None and modes is not None:
+        raise ValueError("give --modes (one line per mode) or --one-mode (one mode, one line), not both")
     output = open_output(output_uri, storage_options)
-    modes = check_modes(output, modes)
+    if one_mode is not None and one_mode not in output.mode_names:
+        raise ValueError(f"--one-mode {one_mode!r} is not a mode of this output; it has {output.mode_names}")
+    modes = check_modes(output, [one_mode] if one_mode is not None else modes)
     if beside_images:
         confinement = _input_root(output)
     elif target_dir:
@@ -193,7 +215,7 @@ def export_txt(output_uri: str, target_dir: str | None, modes: list[str] | None 
     counts = TxtCounts()
     with ThreadPoolExecutor(WRITERS) as pool:
         window: list[Future[str]] = []
-        for path, data in _jobs(output, modes, confinement, beside_images, counts):
+        for path, data in _jobs(output, modes, confinement, beside_images, counts, extension):
             window.append(pool.submit(_write_one, confinement.fs, path, data, overwrite))
             if len(window) >= 4 * WRITERS:
                 _drain(window, counts)

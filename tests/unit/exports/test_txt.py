@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cli.main import main
 from pipeline.exports.txt import TxtCounts, export_txt, safe_segments, sidecar_text, txt_name
-from pipeline.table.fragments import part_path
+from pipeline.table.names import manifest_path, part_path
 from tests.unit.exports.fake_output import FakeOutput, _row, _write_parquet, hostile_keys, snapshot
 
 
@@ -147,10 +147,10 @@ def test_beside_images_stays_in_the_input_folder(fake_output: FakeOutput) -> Non
 def test_beside_images_needs_a_local_folder_input(fake_output: FakeOutput) -> None:
     import json
 
-    manifest_path = fake_output.output / "_manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest_file = Path(manifest_path(str(fake_output.output)))
+    manifest = json.loads(manifest_file.read_text())
     manifest["config"]["input"]["uri"] = "s3://bucket/images"
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="local folder input"):
         export_txt(str(fake_output.output), None, None, {}, beside_images=True)
     with pytest.raises(ValueError, match="target folder"):
@@ -184,3 +184,60 @@ def test_to_a_file_is_refused_in_words(fake_output: FakeOutput, capsys: pytest.C
     assert main(["export", str(fake_output.output), "--format", "txt", "--to", str(target)]) == 2
     assert capsys.readouterr().err == f"error: --to {target} is a file; txt export writes a folder of files\n"
     assert target.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------- --extension and --one-mode
+def test_extension_replaces_txt(fake_output: FakeOutput) -> None:
+    target = fake_output.root / "kohya"
+    counts = export_txt(str(fake_output.output), str(target), None, {}, extension=".caption")
+    assert counts.written == 13
+    assert (target / "dog/b.caption").read_text("utf-8").splitlines() == [
+        "tags of dog/b.png second line", "description of dog/b.png second line"]
+    assert not list(target.rglob("*.txt"))
+    export_txt(str(fake_output.output), str(fake_output.root / "bare"), None, {}, extension="tags")
+    assert (fake_output.root / "bare" / "dog/b.tags").exists()  # the dot is added
+    assert txt_name("a.jpg", ".caption") == "a.caption" and txt_name("000001", ".caption") == "000001.caption"
+
+
+@pytest.mark.parametrize("extension", [".jpg", "png", "../x", "a/b", ".", "..txt", ".t\x00", ""])
+def test_extension_must_be_a_plain_suffix(fake_output: FakeOutput, extension: str) -> None:
+    with pytest.raises(ValueError, match="--extension"):
+        export_txt(str(fake_output.output), str(fake_output.root / "t"), None, {}, extension=extension)
+    assert not (fake_output.root / "t").exists()
+
+
+def test_one_mode_writes_that_caption_alone(fake_output: FakeOutput) -> None:
+    target = fake_output.root / "one"
+    counts = export_txt(str(fake_output.output), str(target), None, {}, extension=".caption", one_mode="description")
+    assert counts.written == 13
+    assert (target / "dog/b.caption").read_text("utf-8") == "description of dog/b.png second line\n"
+    assert (target / "cat/a.caption").read_text("utf-8") == fake_output.rows["cat/a.jpg"]["description"] + "\n"
+    with pytest.raises(ValueError, match=r"^--one-mode 'summary' is not a mode of this output; it has \['tags', "):
+        export_txt(str(fake_output.output), str(target), None, {}, one_mode="summary")
+    with pytest.raises(ValueError, match="not both"):
+        export_txt(str(fake_output.output), str(target), ["tags"], {}, one_mode="tags")
+
+
+def test_one_mode_beside_images(fake_output: FakeOutput) -> None:
+    counts = export_txt(str(fake_output.output), None, None, {}, beside_images=True, extension=".caption",
+                        one_mode="tags")
+    assert counts.written == 7
+    assert (fake_output.input / "dog/b.caption").read_text("utf-8") == "tags of dog/b.png second line\n"
+    assert not (fake_output.input / "dog/b.txt").exists()
+
+
+def test_cli_extension_and_one_mode(fake_output: FakeOutput, capsys: pytest.CaptureFixture[str]) -> None:
+    target = fake_output.root / "cli"
+    out = str(fake_output.output)
+    assert main(["export", out, "--format", "txt", "--to", str(target), "--extension", ".caption",
+                 "--one-mode", "tags"]) == 0
+    assert "13 written" in capsys.readouterr().out
+    assert (target / "dog/b.caption").read_text("utf-8") == "tags of dog/b.png second line\n"
+    assert main(["export", out, "--format", "txt", "--to", str(target), "--one-mode", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --one-mode 'nope' is not a mode of this output") and err.count("\n") == 1
+    assert main(["export", out, "--format", "txt", "--to", str(target), "--one-mode", "tags", "--modes", "tags"]) == 2
+    for fmt in ("jsonl", "imagefolder", "parquet", "webdataset"):
+        to = str(fake_output.root / f"x.{fmt}")
+        assert main(["export", out, "--format", fmt, "--to", to, "--extension", ".caption"]) == 2
+        assert "(given: --extension)" in capsys.readouterr().err
