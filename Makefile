@@ -64,6 +64,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_decode.py --json out/bench/decode.json
 	$(BIN)/python bench/bench_plan.py --json out/bench/plan.json
 	$(BIN)/python bench/bench_machinery.py --json out/bench/machinery.json
+	$(BIN)/python bench/bench_dedup.py --json out/bench/dedup.json
+	$(BIN)/python bench/bench_confidence.py
+	$(BIN)/python bench/bench_export.py --json out/bench/export.json
 	$(BIN)/python bench/bench_throughput.py --json out/bench/throughput.json
 
 # On a GPU machine with vLLM installed (see README): JoyCaption's architecture on dummy weights.

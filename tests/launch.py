@@ -1,23 +1,27 @@
-"""The pipeline's CLI with test hooks: `python tests/launch.py [--engine-fault SPEC] [--pause MOMENT:SECONDS] ARGS`.
+"""The pipeline's CLI with test hooks: `python tests/launch.py [--engine-fault SPEC] [--pause MOMENT:SECONDS]
+[--engine-delay SPEC] ARGS`.
 
 ARGS are the usual `pipeline` arguments (`run CONFIG ...`). The hooks are built from pipeline/testing/faults.py
 and handed to `pipeline.cli.main.main`; the `pipeline` command itself has no way to take them.
 
   --engine-fault SPEC     KIND@STEP[:ONCE_FILE],...: an actor's engine raises (`raise`) or hangs (`hang`) at
                           its step STEP; with ONCE_FILE only the first actor that creates the file gets it
-  --pause MOMENT:SECONDS  hold each commit that reaches MOMENT (after_part_file) for SECONDS
+  --pause MOMENT:SECONDS  hold each commit that reaches MOMENT (after_part_file, after_marker) for SECONDS
+  --engine-delay SPEC     start:SECONDS,first_step:SECONDS: each actor's engine starts that much later and its
+                          first step waits that long (with --engine-fault too, the fault applies after)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from pipeline.cli.main import main
 from pipeline.run.hooks import RunHooks
-from pipeline.testing.faults import EngineFaults, PauseAt
+from pipeline.testing.faults import EngineDelay, EngineFaults, PauseAt
 
 T = TypeVar("T")
 
@@ -40,8 +44,12 @@ def split_hooks(argv: Sequence[str]) -> tuple[RunHooks, list[str]]:
     parser = argparse.ArgumentParser(prog="tests/launch.py", allow_abbrev=False, add_help=False)
     parser.add_argument("--engine-fault", type=_flag_value(EngineFaults))
     parser.add_argument("--pause", type=_flag_value(PauseAt.parse))
+    parser.add_argument("--engine-delay", type=_flag_value(EngineDelay.parse))
     flags, rest = parser.parse_known_args(argv)
-    return RunHooks(engine=flags.engine_fault, pause=flags.pause), rest
+    engine = flags.engine_fault
+    if flags.engine_delay is not None:
+        engine = dataclasses.replace(flags.engine_delay, then=flags.engine_fault)
+    return RunHooks(engine=engine, pause=flags.pause), rest
 
 
 if __name__ == "__main__":

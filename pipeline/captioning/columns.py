@@ -7,15 +7,20 @@ columns would collide with another column when it loads, without importing the t
 from __future__ import annotations
 
 # Every row, captioned or not, in this order.
+# `duplicate_of`: the key whose captions this row carries (same image content, pipeline/engine/dedup.py), null for
+# a row captioned for itself.
 BASE_COLUMNS: tuple[str, ...] = ("key", "source", "member", "shard", "width", "height", "format", "status",
-                                 "error", "meta")
+                                 "error", "meta", "duplicate_of")
 # Carried by rows between the read stage and the commit, never written to the table.
-IN_FLIGHT_COLUMNS: tuple[str, ...] = ("shard_size", "pixels")
+# `attempt_base`: attempts a redone row (`run --redo`) already had; its new attempts are numbered after them.
+# `content_hash`: the image's content (pipeline/io/content.py), decided by the read stage.
+IN_FLIGHT_COLUMNS: tuple[str, ...] = ("shard_size", "pixels", "attempt_base", "content_hash")
 # Per mode `m`: the caption in column `m`, and what produced it beside it. `m_raw` is the model's text
 # before the mode's clean-up, null when the mode has none. Mode names come from the manifest, never from
 # column names, so `m_raw` is not taken for a mode.
-MODE_SUFFIXES: tuple[str, ...] = ("", "_raw", "_prompt", "_tokens", "_finish_reason", "_glitch", "_attempts",
-                                  "_seed")
+# `m_confidence` is the caption's 0..1 confidence (captioning/confidence.py), null without log-probabilities.
+MODE_SUFFIXES: tuple[str, ...] = ("", "_raw", "_prompt", "_tokens", "_finish_reason", "_glitch", "_confidence",
+                                  "_attempts", "_seed")
 # Names a mode may not take: its caption column would be one of these.
 RESERVED_COLUMNS = frozenset(BASE_COLUMNS + IN_FLIGHT_COLUMNS)
 

@@ -9,12 +9,16 @@ description within 160 words (256 tokens).
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.captioning import cleanup, prompts
+from pipeline.captioning import cleanup, fields, prompts
 from pipeline.captioning.specs import CleanupConfig, Defaults, ModeConfig
+
+log = logging.getLogger("pipeline.captioning.fields")
+MISSING_FIELDS: dict[str, int] = {}  # "mode {field}" -> rows of this process that had no value for it
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "dual": [
@@ -51,7 +55,7 @@ def derive_seed(run_seed: int, key: str, mode: str, attempt: int = 0) -> int:
 @dataclass(frozen=True)
 class ResolvedMode:
     name: str
-    instructions: tuple[str, ...]  # the final instruction text of each prompt in the set
+    instructions: tuple[str, ...]  # each prompt's instruction as a template (fields.py: `{{` is a brace)
     weights: tuple[float, ...]
     max_tokens: int
     temperature: float
@@ -72,6 +76,11 @@ class ResolvedMode:
             point -= weight
         return self.instructions[-1]
 
+    def instruction_for_row(self, run_seed: int, key: str, meta: Any) -> tuple[str, list[str]]:
+        """This image's instruction with its template fields filled from the row's `meta` (fields.py), and the
+        plain fields it had no value for (filled empty)."""
+        return fields.fill(self.instruction_for(run_seed, key), key, meta)
+
     def sampling(self) -> dict[str, Any]:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k}
@@ -91,8 +100,9 @@ def resolve_modes(modes: Sequence[ModeConfig], defaults: Defaults) -> list[Resol
     for mode in modes:
         recipes = mode.recipes()
         instructions = tuple(
-            recipe.prompt if recipe.prompt is not None
-            else prompts.caption_prompt(recipe.type or "", recipe.length, recipe.extra, mode.character_name)
+            recipe.prompt if recipe.prompt is not None  # a template (fields.py); catalog text is literal
+            else fields.literal(prompts.caption_prompt(recipe.type or "", recipe.length, recipe.extra,
+                                                       mode.character_name))
             for recipe in recipes
         )
         resolved.append(ResolvedMode(
@@ -103,3 +113,25 @@ def resolve_modes(modes: Sequence[ModeConfig], defaults: Defaults) -> list[Resol
             prepend=mode.prepend, append=mode.append, cleanup=mode.cleanup if mode.cleanup.enabled else None,
         ))
     return resolved
+
+
+def row_instructions(modes: Sequence[ResolvedMode], run_seed: int, keys: Sequence[str],
+                     metas: Sequence[Any] | None = None) -> list[list[str]]:
+    """result[i][m]: image i's instruction in mode m, drawn by weight and with its template fields filled from
+    its `meta`. A plain field with no value is filled empty and counted in MISSING_FIELDS, with a warning
+    for the first row of each field and then at every power of ten (a data problem, not an error row)."""
+    metas = metas if metas is not None else [None] * len(keys)
+    result = []
+    for key, meta in zip(keys, metas, strict=True):
+        row = []
+        for mode in modes:
+            text, missing = mode.instruction_for_row(run_seed, key, meta)
+            for name in missing:
+                label = f"{mode.name} {{{name}}}"
+                count = MISSING_FIELDS[label] = MISSING_FIELDS.get(label, 0) + 1
+                if str(count).rstrip("0") == "1":  # 1, 10, 100, ...
+                    log.warning("mode %s: template field {%s} has no value for %s (filled empty; %d rows so far)",
+                                mode.name, name, key, count)
+            row.append(text)
+        result.append(row)
+    return result

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from pipeline.captioning import prompts
+from pipeline.captioning import fields, prompts
 from pipeline.captioning.columns import RESERVED_COLUMNS
 from pipeline.captioning.prompts import TAG_CAPTION_TYPES
 
@@ -131,7 +131,13 @@ class ModeConfig(Strict):
         sources = [self.type is not None, self.prompt is not None, self.prompts is not None]
         if sum(sources) != 1:
             raise ValueError(f"mode {self.name!r}: give exactly one of `type`, `prompt` or `prompts`")
-        for recipe in self.recipes():
+        for index, recipe in enumerate(self.recipes()):
+            if recipe.prompt is not None:
+                try:
+                    fields.parse(recipe.prompt)
+                except ValueError as err:
+                    where = "prompt" if self.prompts is None else f"prompts.{index}.prompt"
+                    raise ValueError(f"mode {self.name!r}, key {where}: {err}") from None
             if recipe.type is not None:
                 try:
                     prompts.caption_prompt(recipe.type, recipe.length, recipe.extra, self.character_name)
@@ -151,6 +157,8 @@ class QualityConfig(Strict):
         ("repetition", "truncated", "refusal", "empty"), description="Which glitches are retried.")
     repetition_ngram: int = Field(4, ge=2, description="A word n-gram repeated this many times is a loop.")
     repetition_min_repeats: int = Field(4, ge=2)
+    confidence: bool = Field(True, description="Ask the engine for the sampled tokens' log-probabilities and store "
+                                               "each caption's 0..1 confidence in <mode>_confidence.")
     max_error_share: float = Field(0.5, ge=0, le=1, description="A run ends with exit 5 when more than this share "
                                                                "of the output's rows are errors, or none is "
                                                                "captioned (1 never fails for errors).")

@@ -7,8 +7,9 @@ log file, and the console writes to copies of the original ones. The pipeline's 
 reach the console from INFO up (warnings that matter, plan and growth notes), except the chatty ones
 that only the log needs. With `-v` nothing is redirected and every log line shows.
 
-The progress display is a live line on a terminal and a plain line every `line_every_s` seconds
-otherwise (a Ray job's logs, CI).
+The progress display is a live line on a terminal; otherwise (a Ray job's logs, CI) a plain line at once
+when the run moves on (engines ready, the first captions) and a heartbeat line every `line_every_s`
+seconds even when nothing changed, saying what the run waits for (run/progress.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -27,7 +29,7 @@ from pipeline.run.progress import Progress
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers whose INFO lines are for the log only (progress is drawn by the display, commits are many).
 LOG_ONLY = ("pipeline.run.progress", "pipeline.run.commit", "pipeline.engine.actor", "pipeline.engine.loop",
-            "pipeline.table.ledger")
+            "pipeline.table.ledger", "pipeline.run.ray_session", "pipeline.run.engines", "pipeline.engine.states")
 
 
 def default_log_path(output_uri: str) -> Path:
@@ -148,12 +150,18 @@ class Console:
 
 
 class ProgressDisplay:
-    """Redraws the progress line: every second on a terminal, a plain line every `line_every_s` otherwise."""
+    """Draws the progress: on a terminal a live line redrawn every second; otherwise plain lines, one at once
+    when the run moves on (engines ready, the first captions, an engine failing: `Progress.phase_key`) and
+    one every `line_every_s` in between even when nothing changed (a heartbeat: the line then says what the
+    run waits for, see run/progress.py)."""
 
-    def __init__(self, console: Console, progress: Progress) -> None:
-        self.console, self.progress = console, progress
+    def __init__(self, console: Console, progress: Progress, poll_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.console, self.progress, self.poll_s, self.clock = console, progress, poll_s, clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress-display", daemon=True)
+        self._last_said: float | None = None
+        self._last_key: tuple[object, ...] | None = None
 
     def __enter__(self) -> ProgressDisplay:
         self._thread.start()
@@ -165,25 +173,18 @@ class ProgressDisplay:
         self.console.clear_bar()
 
     def _run(self) -> None:
-        every = 1.0 if self.console.live else self.console.line_every_s
-        last_line = ""
-        while not self._stop.wait(every if self.console.live else min(every, 2.0)):
-            line = self.progress.line()
-            if self.console.live:
-                self.console.bar(line)
-            elif line != last_line and self._due():
-                self.console.say(line)
-                last_line = line
+        while True:
+            with contextlib.suppress(Exception):  # a display must never end a run
+                self.draw()
+            if self._stop.wait(self.poll_s):
+                return
 
-    _last_said: float | None = None
-    _said_captions = False
-
-    def _due(self) -> bool:
-        """Plain lines: at the start, as soon as the first captions are back, then one every `line_every_s`."""
-        now = time.monotonic()
-        captioning = self.progress.first_image_at is not None
-        if (self._last_said is None or (captioning and not self._said_captions)
-                or now - self._last_said >= self.console.line_every_s):
-            self._last_said, self._said_captions = now, captioning
-            return True
-        return False
+    def draw(self) -> None:
+        """One tick: redraw the live line, or print a plain line when one is due."""
+        if self.console.live:
+            self.console.bar(self.progress.line())
+            return
+        now, key = self.clock(), self.progress.phase_key()
+        if self._last_said is None or key != self._last_key or now - self._last_said >= self.console.line_every_s:
+            self._last_said, self._last_key = now, key
+            self.console.say(self.progress.line())

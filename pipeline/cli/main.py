@@ -19,9 +19,10 @@ from pipeline.run.hooks import NO_HOOKS, RunHooks
 if TYPE_CHECKING:
     from pipeline.cli.console import Console
     from pipeline.run.progress import Progress
+    from pipeline.run.redo import Selection
 
 # Modules with an `add_commands(subparsers)` of their own: `plan`, `submit` and `jobs`.
-COMMAND_MODULES: tuple[str, ...] = ("pipeline.cli.plan", "pipeline.cli.submit")
+COMMAND_MODULES: tuple[str, ...] = ("pipeline.cli.plan", "pipeline.cli.submit", "pipeline.cli.review")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -59,7 +60,8 @@ def cmd_run(args: argparse.Namespace, hooks: RunHooks = NO_HOOKS) -> int:
     try:
         config = load_config(args.config, args.set, input_uri=args.input, output_uri=args.output)
         validate_before_start(config)
-    except (ConfigError, SourceError) as err:
+        args.redo_selection = _redo_selection(args, config)
+    except (ConfigError, SourceError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from pipeline.cli.console import Console, default_log_path
@@ -75,6 +77,17 @@ def cmd_run(args: argparse.Namespace, hooks: RunHooks = NO_HOOKS) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _redo_selection(args: argparse.Namespace, config: RunConfig) -> Selection | None:
+    """`--redo` parsed (run/redo.py), None without it; ValueError on a bad criterion or unknown mode."""
+    if not getattr(args, "redo", None):
+        return None
+    from pipeline.run.redo import parse_selection
+
+    selection = parse_selection(args.redo)
+    selection.modes([mode.name for mode in config.modes])
+    return selection
 
 
 def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Console, hooks: RunHooks) -> int:
@@ -94,7 +107,8 @@ def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Cons
     try:
         summary = execute(config, overwrite=args.overwrite, retry_errors=args.retry_errors,
                           allow_existing=args.allow_existing, on_wait=_say_waiting(console), display=display,
-                          hooks=hooks, worker_setup=_setup_worker_logging)
+                          hooks=hooks, worker_setup=_setup_worker_logging,
+                          redo=getattr(args, "redo_selection", None))
     except RunInterruptedError as err:
         done = shown[0].committed_images if shown else 0
         console.say(f"interrupted ({err}) after {done:,} images committed this run; nothing is lost: run the same "
@@ -108,6 +122,7 @@ def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Cons
         return {ForeignOutputError: 2, FingerprintMismatchError: 3, LeaseHeldError: 4}[type(err)]
     except UnhealthyOutputError as err:
         console.result(json.dumps(err.summary.to_dict()) if args.json else format_summary(err.summary))
+        _write_report(config, args, console)
         console.say(f"error: {err}")
         return 5
     except Exception as err:  # one line for people; the traceback is in the log (and on screen with -v)
@@ -118,7 +133,16 @@ def _run_with_console(config: RunConfig, args: argparse.Namespace, console: Cons
         console.say(f"error: {message}" + ("" if args.verbose else f" (details: {console.log_path})"))
         return code
     console.result(json.dumps(summary.to_dict()) if args.json else format_summary(summary))
+    _write_report(config, args, console)
     return 0
+
+
+def _write_report(config: RunConfig, args: argparse.Namespace, console: Console) -> None:
+    """The run report (<output>/report.html, pipeline/exports/report.py); failing to write it is a warning."""
+    if not getattr(args, "no_report", False):
+        from pipeline.exports.report import write_run_report
+
+        console.say(write_run_report(config.output.uri, config.output.storage_options, config.input.storage_options))
 
 
 # errno values that mean the output path, not the pipeline, is the problem.
@@ -207,6 +231,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.exports.pending import pending_note
+    from pipeline.exports.report import write_report
+
+    try:
+        note = pending_note(args.output, holder="this report covers")
+        print(f"report: {write_report(args.output, args.to, overwrite=args.overwrite)}")
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if note:
+        print(note, file=sys.stderr)
+    return 0
+
+
 def cmd_gallery(args: argparse.Namespace) -> int:
     from pipeline.exports.gallery import write_gallery
     from pipeline.exports.pending import pending_note
@@ -225,7 +264,8 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 # Lines that say what went wrong better than whatever wraps them (Ray wraps task errors several times), and
 # whether the line is cut to start at the marker (dropping a module path such as `pipeline.io.retry.`).
-TELLING_LINES = (("engine failed to start", False), ("TransientStorageError:", True))
+TELLING_LINES = (("engine failed to start", False), ("TransientStorageError:", True),
+                 ("RemoteServerDownError:", True), ("RemoteServerRefusedError:", True))
 
 
 def _root_message(err: BaseException) -> str:
@@ -286,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write into a folder that holds other files (they are never touched)")
     run.add_argument("--retry-errors", action="store_true",
                      help="also re-caption the error rows of committed shards (e.g. after fixing files)")
+    run.add_argument("--redo", action="append", default=[], metavar="SELECTION",
+                     help="also re-caption committed rows it selects: 'confidence<0.3', 'glitch', 'glitch=repetition', "
+                          "'keys=FILE' (repeatable; a row matching any is redone, each key still once)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html at the end")
     run.add_argument("--log-file", help="where Ray's, vLLM's and the pipeline's full log goes (default: a new file "
                                         "under $PIPELINE_LOG_DIR or ~/.local/state/joycaption-pipeline/logs)")
     run.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
@@ -333,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--seed", type=int, default=0, help="which sample (same seed, same rows)")
     gallery.add_argument("--overwrite", action="store_true", help="replace the page if it exists")
     gallery.set_defaults(func=cmd_gallery)
+
+    report = commands.add_parser("report", help="write the run report: one HTML page of charts and worst examples")
+    report.add_argument("output", help="output folder or s3:// prefix of a run")
+    report.add_argument("--to", help="the HTML page to write (default: OUTPUT/report.html, replaced)")
+    report.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
+    report.set_defaults(func=cmd_report)
 
     prompts = commands.add_parser("prompts", help="list caption types, lengths and extra options, or show a "
                                                   "mode's exact prompt")

@@ -56,7 +56,13 @@ def report(config: RunConfig, layout: Layout, found: Survey, rate: float | None,
     size, size_estimated = found.listed_bytes, False
     if size is None and tally.file_bytes.count and images is not None:  # a file list: sizes only as read
         size, size_estimated = round(tally.file_bytes.mean() * images), not whole
+    readable = tally.rows - tally.broken
+    duplicate_share = tally.duplicates / readable if readable > 0 else None
+    duplicates = tally.duplicates if whole else (
+        None if duplicate_share is None or images is None else round(duplicate_share * (images - (broken or 0))))
     to_caption = None if images is None else images - (broken or 0)  # broken files cost no GPU time
+    if to_caption is not None and config.compute.dedup:  # duplicates are captioned once (engine/dedup.py)
+        to_caption -= duplicates or 0
     guess = None if to_caption is None else estimate(
         to_caption, output_budget(config), rate, gpus or assumed_gpus(config),
         fixed_length=config.defaults.fixed_length, max_attempts=config.quality.max_attempts)
@@ -67,7 +73,8 @@ def report(config: RunConfig, layout: Layout, found: Survey, rate: float | None,
         extensions=dict(found.listed.extensions.most_common()),
         read=ReadSummary.of(tally, whole, found.sample),
         broken=broken, broken_share=None if share is None else round(share, 6), broken_estimated=not whole,
-        broken_range=broken_range,
+        broken_range=broken_range, duplicates=tally.duplicates,
+        duplicate_share=None if duplicate_share is None else round(duplicate_share, 6),
         estimate=guess, seconds=PlanSeconds(**found.seconds),
     )
 

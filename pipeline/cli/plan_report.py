@@ -86,6 +86,10 @@ class PlanReport:
     broken_share: float | None = None
     broken_estimated: bool = False
     broken_range: list[int] | None = None  # the 95% interval of `broken` when estimated from a sample
+    # Readable images whose content an earlier one has (pipeline.io.content), as found in what was read: a share
+    # seen in a sample misses copies that fell outside it. With compute.dedup on, the estimate leaves them out.
+    duplicates: int | None = None
+    duplicate_share: float | None = None
     estimate: Estimate | None = None  # None when the image count is unknown (tars not read)
     seconds: PlanSeconds = field(default_factory=PlanSeconds)
 
@@ -138,7 +142,7 @@ def _read_lines(plan: PlanReport) -> list[str]:
     shown = f"{read.broken:,} broken ({share:.2%})" if share is not None else "0 broken"
     if read.everything:
         seconds = plan.seconds.reading + plan.seconds.listing  # one after the other, or at once
-        return [f"read        all {read.images:,} images in {seconds:.1f} s: {shown}"]
+        return [f"read        all {read.images:,} images in {seconds:.1f} s: {shown}", *_duplicate_lines(plan)]
     asked = f" (whole shards, for --sample {read.sample:,})" if read.images != read.sample else ""
     lines = [f"read        a sample of {read.images:,} images{asked} spread across the input, in "
              f"{plan.seconds.reading:.1f} s: {shown}"]
@@ -146,7 +150,16 @@ def _read_lines(plan: PlanReport) -> list[str]:
         low, high = plan.broken_range
         lines.append(f"broken      about {plan.broken:,} in the whole input, estimated from a sample of "
                      f"{read.images:,} (95% interval {low:,} to {high:,})")
-    return lines
+    return [*lines, *_duplicate_lines(plan)]
+
+
+def _duplicate_lines(plan: PlanReport) -> list[str]:
+    """Readable images whose content another one read had: the run captions each content once."""
+    if plan.duplicate_share is None or not plan.duplicates:
+        return []
+    seen = "of all images read" if plan.read.everything else f"of the sample of {plan.read.images:,}"
+    return [f"duplicates  {plan.duplicates:,} ({plan.duplicate_share:.2%} {seen}, readable ones): same content "
+            "as another image, captioned once (compute.dedup)"]
 
 
 def _reason_lines(read: ReadSummary) -> list[str]:

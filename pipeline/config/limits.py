@@ -11,6 +11,13 @@ from __future__ import annotations
 # hiccup of a few seconds never loses a live run its lease; a run killed on another host blocks its
 # output for at most this long (on the lease's own machine a dead holder frees it at once).
 LEASE_TTL_S = 30.0
+# The fence (lease.py, DESIGN invariant 12): a part file or marker is written only while the writer's last
+# successful renewal plus the TTL is more than this share of the TTL ahead of its clock (10 s of 30). It must
+# cover the disagreement between hosts' clocks (NTP keeps it well under a second; another run takes over at
+# expiry on its own clock) and one write that was let through just before the deadline. A third equals the
+# heartbeat interval, so a late or failed renewal alone never stops a run: the fence trips only once renewals
+# (retried every second) have failed for a whole interval past the one that was due.
+LEASE_FENCE_MARGIN_SHARE = 1 / 3
 
 # Reading the input (io/retry.py) -----------------------------------------------------------------------
 # Attempts at one read before a transient error (throttling, 5xx, timeouts, dropped connections) is given
@@ -29,8 +36,9 @@ READ_RETRY_MAX_DELAY_S = 20.0
 READ_TASK_RETRIES = 3
 
 # Commits and passes (run/commit.py, run/driver.py) -----------------------------------------------------
-# Times Ray runs a commit task again when its worker died (commit_tasks > 0): a commit is safe to run twice
-# (a retried one finds its marker), and a worker lost three times in a row is a cluster problem, not luck.
+# Times Ray runs a commit task again when its worker died or storage failed it past its own retries
+# (commit_tasks > 0; TransientStorageError only): a commit is safe to run twice (a retried one finds its
+# marker), and a worker lost three times in a row is a cluster problem, not luck.
 COMMIT_TASK_RETRIES = 3
 # Passes of one run: a pass redoes only the shards the previous one could not commit (a refused merge, rows
 # lost with an actor). A shard still failing after three is failing for a reason a re-run will not fix by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipeline.config.engine_options import check_against_vllm
 from pipeline.config.settings import ConfigError, RunConfig
 from pipeline.config.uris import canonical_uri
+
+log = logging.getLogger("pipeline.config.load")
 
 
 def _parse_value(text: str) -> Any:
@@ -102,4 +106,18 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), i
         extra.append(f"input.uri={json.dumps(input_uri)}")
     if output_uri:
         extra.append(f"output.uri={json.dumps(output_uri)}")
-    return absolute_paths(build_config(tree, extra))
+    config = absolute_paths(build_config(tree, extra))
+    check_engine_options(config)
+    return config
+
+
+def check_engine_options(config: RunConfig) -> None:
+    """`model.engine_kwargs` and `model.quantization` against the installed vLLM (engine_options.py): a key or
+    method it does not know raises ConfigError naming it; without vLLM here, a note says the check runs where
+    the engine starts."""
+    problems = check_against_vllm(config.model.engine_kwargs, config.model.quantization)
+    for note in (problem for problem in problems if problem.startswith("note:")):
+        log.warning(note)
+    errors = [problem for problem in problems if not problem.startswith("note:")]
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))

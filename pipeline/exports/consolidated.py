@@ -33,7 +33,6 @@ from pipeline.exports.rolling import Layout, RollingCounts, describe, export_rol
 from pipeline.exports.sources import input_access
 from pipeline.exports.stream import Item
 from pipeline.exports.table import Output, check_modes, open_output
-from pipeline.table.names import part_path
 from pipeline.table.schema import output_schema
 
 DEFAULT_TARGET_SIZE = "256MB"
@@ -58,7 +57,7 @@ def table_schema(output: Output) -> pa.Schema:
     fs = output.ledger.fs
     for shard in output.shards:
         try:
-            with fs.open(part_path(output.ledger.root, shard), "rb") as handle:
+            with fs.open(output.part_path(shard), "rb") as handle:
                 return pq.read_schema(handle)
         except FileNotFoundError:
             continue

@@ -1,15 +1,17 @@
 """Committed rows of an output, read shard by shard and batch by batch.
 
-A shard is output only once its marker exists (ledger.py): a part file without one belongs to a
-commit cut short, and `_staging/` holds fragments that may still change. Part files are read one
-record batch at a time, so exporting tens of millions of rows keeps one batch in memory.
+A shard is output only once its marker exists (ledger.py) and was written under the output's config
+fingerprint; its rows are in the part file the marker names (a redone shard's part has its run's name). A
+part file no marker names belongs to a commit cut short or to a replaced pair, and `_staging/` holds
+fragments that may still change. Part files are read one record batch at a time, so exporting tens of
+millions of rows keeps one batch in memory.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +32,11 @@ class Output:
     ledger: Ledger
     manifest: dict[str, Any]
     shards: tuple[str, ...]
+    parts: dict[str, str] = field(default_factory=dict)  # shard -> its part file's name, as its marker gives it
+
+    def part_path(self, shard: str) -> str:
+        """The path of a committed shard's part file (the one its marker names)."""
+        return part_path(self.ledger.root, shard, self.parts.get(shard))
 
     @property
     def uri(self) -> str:
@@ -51,7 +58,9 @@ def open_output(output_uri: str, storage_options: dict[str, Any] | None = None) 
     manifest = ledger.manifest()
     if manifest is None:
         raise FileNotFoundError(f"{output_uri} has no {MANIFEST}: not a pipeline output, or its run has not started")
-    return Output(ledger, manifest, tuple(sorted(ledger.committed_ids())))
+    markers = ledger.markers(manifest.get("fingerprint"))  # a marker of another config is not committed
+    return Output(ledger, manifest, tuple(marker.shard for marker in markers),
+                  {marker.shard: marker.part_file() for marker in markers})
 
 
 def committed_files(output_uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -59,7 +68,7 @@ def committed_files(output_uri: str, storage_options: dict[str, Any] | None = No
     (`pyarrow.dataset.dataset(files)`, `duckdb.read_parquet(files)`, `datasets.load_dataset("parquet",
     data_files=files)`), even while a run is writing or after one was killed between part and marker."""
     output = open_output(output_uri, storage_options)
-    return [to_uri(output.ledger.fs, part_path(output.ledger.root, shard)) for shard in output.shards]
+    return [to_uri(output.ledger.fs, output.part_path(shard)) for shard in output.shards]
 
 
 def check_modes(output: Output, modes: list[str] | None) -> list[str]:
@@ -77,7 +86,7 @@ def shard_batches(output: Output, shard: str, columns: list[str] | None = None,
                   batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     """One committed shard's rows, a record batch at a time (nothing if its part file is missing)."""
     fs = output.ledger.fs
-    path = part_path(output.ledger.root, shard)
+    path = output.part_path(shard)
     try:
         handle = fs.open(path, "rb")
     except FileNotFoundError:

@@ -19,6 +19,7 @@ files. Hidden names (a leading dot) are skipped, locally and on S3.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -234,23 +235,41 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove the file or folder `path` and everything under it; nothing there is no error.
+
+    On object stores the listing behind it is always fresh: s3fs caches listings per process and sees only
+    its own writes, so a cached one could miss (and leave behind) what another process wrote."""
     if is_local(fs):
         # Not fs.rm: it calls os.getcwd(), which raises once a Ray job's working-dir copy (the driver's
         # current directory) has been cleaned up under it.
         if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-    elif fs.exists(path):
+            shutil.rmtree(path, onerror=_gone_is_fine)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return
+    fs.invalidate_cache(path)
+    with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
 
 
-def list_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Base names directly under `path` (empty if it does not exist)."""
+def _gone_is_fine(function: Callable[..., Any], path: str, info: Any) -> None:
+    """rmtree's error handler: a file another process removed meanwhile is not an error."""
+    error = info[1]
+    if not isinstance(error, FileNotFoundError):
+        raise error
+
+
+def list_names(fs: fsspec.AbstractFileSystem, path: str, refresh: bool = True) -> list[str]:
+    """Base names directly under `path` (empty if it does not exist).
+
+    `refresh` (the default) bypasses s3fs's per-process listing cache: markers, plan and staging are written
+    by other processes (Ray workers, commit tasks, another run), and a cached listing would not show them."""
     try:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+        found = fs.ls(path, detail=False, refresh=True) if refresh else fs.ls(path, detail=False)
     except FileNotFoundError:
         return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in found)
 
 
 def read_input(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

@@ -2,13 +2,35 @@
 
 The driver's loop keeps books only: which keys of which shard have come back from the write stage. Once
 all of a shard's keys have, it hands the shard to a commit (`compute.commit_threads` threads in the
-driver by default, or `compute.commit_tasks` Ray tasks), which merges the shard's fragments, checks them
-against the keys the read task recorded, writes the part file and then the marker, and clears the
-shard's staging. A commit whose fragments are not exactly the shard's keys writes nothing: its staging is
-cleared and the shard goes back to be redone. Results are taken back on the loop's thread, so the books,
-the progress and the list of markers are only ever touched there. Shards commit independently, and a
-shard is handed to a commit once per pass, so two commits never race on one shard.
+driver by default, or `compute.commit_tasks` Ray tasks), which merges this run's fragments of the shard,
+checks them against the keys this run's read task recorded, writes the part file and then the marker, and
+clears the shard's staging. A commit whose fragments are not exactly the shard's keys writes nothing: its
+staging is cleared and the shard goes back to be redone. Results are taken back on the loop's thread, so
+the books, the progress and the list of markers are only ever touched there. Shards commit independently,
+and a shard is handed to a commit once per pass, so two commits of one run never race on one shard.
 bench/bench_machinery.py compares the three ways (loop, threads, tasks).
+
+A commit, step by step (each write fenced: the run's lease must be provably its own right before it):
+  1. read the shard's marker (and its version). One of this run's (its holder is the run id) means a
+     retried commit got that far: done. One of another config's fingerprint is not done: it is redone.
+  2. merge and check this run's fragments (keeping the committed rows a `--retry-errors` redo keeps).
+  3. write the part file: a first commit creates `part-<shard>.parquet` only if no file has that name
+     (If-None-Match on S3, link() locally), else, and for every redo, it writes `part-<shard>-<run>.parquet`,
+     a name only this run writes, so the committed pair is never touched.       [moment after_part_file]
+  4. publish the marker naming that part: created if there was none, else replacing exactly the version
+     read in step 1 (If-Match on S3; a compare under the output's lock file locally).  [moment after_marker]
+  5. remove the part file the old marker named (and a first name taken by someone else's file), then
+     the shard's staging.
+A kill between any two steps leaves the old pair or the new pair; part files no marker names are removed
+by the next run before it starts (ledger.remove_uncommitted_parts). Every storage call is retried on
+transient errors (pipeline.io.retry); a commit task that still fails with TransientStorageError is run
+again by Ray, which is safe (step 1).
+
+Fences: commit threads share the driver's OutputLease (`check()`: the local clock against its last
+renewal). A Ray-task commit runs in another process, so it carries a StoredLeaseFence, which reads the lease
+record and checks holder id and expiry against the clock (pipeline.table.lease says why that over a
+deadline carried from the driver). A refused fence raises LeaseLostError: nothing more is written and the
+run stops in one line.
 """
 
 from __future__ import annotations
@@ -17,17 +39,21 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.config.limits import COMMIT_TASK_RETRIES
-from pipeline.run.hooks import AFTER_PART_FILE, NO_HOOKS, RunHooks
+from pipeline.engine.metrics import shard_committed
+from pipeline.io.fs import TransientStorageError
+from pipeline.run.hooks import AFTER_MARKER, AFTER_PART_FILE, NO_HOOKS, RunHooks
 from pipeline.run.progress import Progress
-from pipeline.table.fragments import IncompleteShardError, merge_shard
-from pipeline.table.lease import OutputLease
-from pipeline.table.ledger import Ledger
+from pipeline.table.fragments import IncompleteShardError, merge_shard, parquet_bytes
+from pipeline.table.lease import LeaseLostError, OutputLease
+from pipeline.table.ledger import NO_FENCE, Fence, Ledger, StoredMarker
 from pipeline.table.manifest import RunMetadata
+from pipeline.table.names import part_name
 from pipeline.table.records import Marker
 from pipeline.table.schema import output_schema
 
@@ -46,6 +72,8 @@ class CommitRequest:
     keep_committed: bool  # re-captioning a committed shard's error rows: its other rows stay
     ready_at: float  # wall time the shard's last key reached the driver
     hooks: RunHooks = NO_HOOKS  # shipped with the request: a commit task calls them in its own process
+    run_id: str | None = None  # the run's (its lease's holder id): whose fragments, stamped on the marker
+    fence: Fence | None = None  # proves the lease before each write (None: nothing to prove, tests)
 
 
 @dataclass(frozen=True)
@@ -64,25 +92,69 @@ def commit_shard(request: CommitRequest) -> CommitResult:
 
 def _commit(request: CommitRequest) -> CommitResult:
     ledger = Ledger(request.output_uri, request.storage_options)
-    if not request.keep_committed:
-        done = ledger.marker(request.shard)  # a first attempt of this task got that far already
-        if done is not None:
-            return CommitResult(request.shard, done)
-    schema = output_schema(request.mode_names)
+    fence, fingerprint = request.fence or NO_FENCE, request.metadata.fingerprint
+    seen = ledger.read_marker(request.shard)
+    if seen is not None and _done_already(seen.marker, request):
+        return CommitResult(request.shard, seen.marker)
+    if seen is not None and not seen.marker.made_with(fingerprint):
+        log.info("shard %s: its marker was written under config fingerprint %s, not this run's %s: not done, "
+                 "redone and replaced", request.shard, seen.marker.fingerprint, fingerprint)
+    if request.keep_committed and (seen is None or not seen.marker.made_with(fingerprint)):
+        raise RuntimeError(f"shard {request.shard}: its committed rows changed while this run redid its error "
+                           "rows (another run wrote its marker); nothing written: re-run to redo the shard whole")
     try:
-        table = merge_shard(request.output_uri, request.storage_options, request.shard, schema,
-                            request.metadata.to_dict(), keep_committed=request.keep_committed)
+        table = merge_shard(request.output_uri, request.storage_options, request.shard,
+                            output_schema(request.mode_names), request.metadata.to_dict(),
+                            keep_committed=request.keep_committed, run_id=request.run_id,
+                            committed_part=seen.marker.part_file() if request.keep_committed and seen else None)
     except IncompleteShardError as err:
         ledger.clear_staging(request.shard)
         return CommitResult(request.shard, None, str(err))
+    name, displaced = _write_part(ledger, request, seen, parquet_bytes(table), fence)
     # The crash tests hold the commit here, a window too short to hit by polling, to kill the run in it.
     request.hooks.at(AFTER_PART_FILE)
     now = time.time()
-    marker = Marker.of_table(request.shard, table, request.mode_names, fingerprint=request.metadata.fingerprint,
-                             committed_at=now, commit_s=round(now - request.ready_at, 4))
-    ledger.write_marker(marker)
+    marker = Marker.of_table(request.shard, table, request.mode_names, fingerprint=fingerprint, committed_at=now,
+                             commit_s=round(now - request.ready_at, 4), holder=request.run_id, part=name)
+    ledger.publish_marker(marker, seen, fence)
+    request.hooks.at(AFTER_MARKER)
+    for old in displaced:
+        if old != name:
+            ledger.remove_part(old)
     ledger.clear_staging(request.shard)
     return CommitResult(request.shard, marker)
+
+
+def _done_already(marker: Marker, request: CommitRequest) -> bool:
+    """Whether the shard's marker is this commit's own work (a retried task, or a retried commit that got
+    as far as its marker). Without a run id (a test's commit) any marker of the config counts, unless the
+    commit redoes error rows."""
+    if request.run_id is not None:
+        return marker.holder == request.run_id
+    return not request.keep_committed and marker.made_with(request.metadata.fingerprint)
+
+
+def _write_part(ledger: Ledger, request: CommitRequest, seen: StoredMarker | None, data: bytes,
+                fence: Fence) -> tuple[str, list[str]]:
+    """Write the shard's new part file (step 3 of the module docstring); return its name and the names of
+    the part files to remove once the marker names the new one."""
+    tag = request.run_id or uuid.uuid4().hex
+    if seen is None:
+        first = part_name(request.shard)
+        if ledger.create_part(first, data, fence):
+            return first, []
+        # Taken: a part file a run that lost the output wrote late, or this commit's own earlier attempt.
+        # No marker names it; once ours names our own, it goes.
+        log.info("shard %s: %s exists without a marker; writing this run's part under its own name",
+                 request.shard, first)
+        name = part_name(request.shard, tag)
+        ledger.write_part(name, data, fence)
+        return name, [first]
+    name = part_name(request.shard, tag)
+    if name == seen.marker.part_file():  # never write over the committed part (a 48-bit tag collision)
+        name = part_name(request.shard, uuid.uuid4().hex)
+    ledger.write_part(name, data, fence)
+    return name, [seen.marker.part_file()]
 
 
 @dataclass
@@ -105,9 +177,12 @@ class Committer:
     commit_cpu_s: float = 0.0  # CPU the commits spent, wherever they ran
     hooks: RunHooks = NO_HOOKS  # handed to every commit (tests hold one at a named moment)
     metadata: RunMetadata | None = None  # the run's, made once by the driver; made here when not given
+    run_id: str | None = None  # whose fragments commits merge; default the lease's holder id
 
     def __post_init__(self) -> None:
         self.mode_names = [mode.name for mode in self.config.modes]
+        if self.run_id is None and self.lease is not None:
+            self.run_id = self.lease.holder
         if self.metadata is None:
             self.metadata = RunMetadata.of(self.config)
         self.tasks = self.config.compute.commit_tasks
@@ -139,12 +214,20 @@ class Committer:
         if self.in_flight:
             self.collect(block=False)
 
+    def _fence(self) -> Fence | None:
+        """What a commit proves the lease with: the lease itself on the driver's threads, a fence that reads
+        the stored record in a Ray task (another process)."""
+        if self.lease is None:
+            return None
+        return self.lease.fence() if self.tasks else self.lease
+
     def _submit(self, shard: str) -> None:
         if self.lease is not None:
             self.lease.check()  # never start a commit beside a run that took the output over
         self.handed.add(shard)
         request = CommitRequest(shard, self.config.output.uri, self.config.output.storage_options, self.mode_names,
-                                self.metadata, shard in self.retrying, time.time(), self.hooks)
+                                self.metadata, shard in self.retrying, time.time(), self.hooks, self.run_id,
+                                self._fence())
         if self.limit == 0:
             self._done(commit_shard(request))
             return
@@ -160,8 +243,10 @@ class Committer:
             import ray
 
             # No CPU reserved: commits are short and mostly I/O, and `commit_tasks` bounds them; a CPU
-            # request would queue them behind the read tasks that fill every CPU.
-            self._task = ray.remote(num_cpus=0, max_retries=COMMIT_TASK_RETRIES)(commit_shard)
+            # request would queue them behind the read tasks that fill every CPU. Storage trouble that
+            # outlived a commit's own retries runs it again (safe: it finds its marker or redoes it whole).
+            self._task = ray.remote(num_cpus=0, max_retries=COMMIT_TASK_RETRIES,
+                                    retry_exceptions=[TransientStorageError])(commit_shard)
         return self._task
 
     def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -193,7 +278,11 @@ class Committer:
         if self.tasks:
             import ray
 
-            return ray.get(handle)
+            try:
+                return ray.get(handle)
+            except LeaseLostError as err:  # Ray's wrapper of the task's error: its message is a traceback
+                cause = getattr(err, "cause", None)
+                raise LeaseLostError(str(cause if isinstance(cause, LeaseLostError) else err)) from None
         return handle.result()
 
     def drain(self) -> None:
@@ -201,7 +290,17 @@ class Committer:
             self.collect(block=True)
 
     def close(self) -> None:
-        """Wait for the commits in flight and stop the commit threads (every exit path of a run)."""
+        """Wait until every commit this committer started has ended, on threads and as Ray tasks alike, and
+        stop the commit threads (every exit path of a run: the driver releases its lease only after this, so
+        no commit of this run is still writing when another run may take the output over). Outcomes are not
+        taken: on these paths the run is ending with another error."""
+        handles, self.in_flight = list(self.in_flight), {}
+        if handles and self.tasks:
+            import ray
+
+            ray.wait(handles, num_returns=len(handles), timeout=None, fetch_local=False)
+        elif handles:
+            concurrent.futures.wait(handles)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -215,6 +314,7 @@ class Committer:
         log.debug("committed shard %s in %.3f s", result.shard, result.marker.commit_s or 0.0)
         self.committed.append(result.marker)
         self.progress.shard_done(result.marker)
+        shard_committed(result.marker.commit_s)  # Ray's metrics endpoint (engine/metrics.py)
 
     def take_unfinished(self) -> list[str]:
         """Shards of the last pass that did not commit (refused, or rows missing), cleared for a redo."""

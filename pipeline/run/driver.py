@@ -10,10 +10,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -22,12 +21,20 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.config.limits import MAX_PASSES, READ_TASK_RETRIES
 from pipeline.engine.actor import CaptionActor
+from pipeline.engine.dedup import start_index, stop_index
+from pipeline.engine.options import ENGINE_COLUMN
+from pipeline.engine.remote import remote_batches_in_flight, remote_captioner
+from pipeline.engine.weights import check_remote_model
 from pipeline.io.fs import TransientStorageError
+from pipeline.run import ray_session
 from pipeline.run.commit import Committer
+from pipeline.run.engines import EngineWatch
 from pipeline.run.hooks import NO_HOOKS, RunHooks
+from pipeline.run.placement import EnginePlan, PlacementWatch, cluster_nodes, plan_engines
 from pipeline.run.planning import prepare_output
 from pipeline.run.progress import Progress
-from pipeline.run.records import CommitStats, RunSummary, WorkItem
+from pipeline.run.records import CommitStats, RunSummary, WorkItem, work_rows
+from pipeline.run.redo import Selection
 from pipeline.run.stages import read_and_prepare, write_stage
 from pipeline.table.lease import LeaseInfo, OutputLease
 from pipeline.table.ledger import Ledger
@@ -38,35 +45,16 @@ log = logging.getLogger("pipeline.run.driver")
 
 
 def _init_ray(config: RunConfig, worker_setup: Callable[[], None] | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray's driver installs a SIGTERM handler of its own; the run's (cli.py: one line, exit 143) stays.
-    on_sigterm = signal.getsignal(signal.SIGTERM)
-    address = config.compute.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"worker_process_setup_hook": worker_setup} if worker_setup is not None else None
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=config.compute.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env=runtime_env)
-    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the pipeline draws its own (console.py)
+    """Join compute.ray_address, or start a local Ray of the run's own; `execute` ends it on every exit path
+    so that no process of the run outlives it (run/ray_session.py)."""
+    ray_session.start(config, worker_setup)
 
 
-def _actor_resources(config: RunConfig) -> tuple[int, float]:
-    """(actors, GPUs per actor): one engine per GPU group on GPU clusters, else one CPU engine."""
-    import ray
-
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    per_actor = config.compute.gpus_per_actor
-    if per_actor is None:
-        per_actor = float(config.model.tensor_parallel_size) if gpus else 0.0
-    actors = config.compute.actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
-    return actors, per_actor
+def _actor_resources(config: RunConfig) -> EnginePlan:
+    """The pass's engines (fewest, most, GPUs and CPUs each) from compute.actors and the cluster's nodes now:
+    a count, a range, `auto`, or unset (one engine per GPU group on GPU clusters, else one CPU engine);
+    run/placement.py says how each is derived."""
+    return plan_engines(config, cluster_nodes())
 
 
 # The most requests a GPU engine schedules by default (vLLM's max_num_seqs for offline use on H100-class
@@ -84,6 +72,8 @@ def batches_in_flight(config: RunConfig, gpus_per_actor: float) -> int:
     cores, 107.6 s with 1 against 113.5 s with 2)."""
     if config.compute.batches_in_flight is not None:
         return config.compute.batches_in_flight
+    if config.engine.kind == "openai":
+        return remote_batches_in_flight(config)
     if gpus_per_actor <= 0:
         return 1
     target = config.compute.requests_in_flight or config.model.max_num_seqs or GPU_REQUESTS_IN_FLIGHT
@@ -91,18 +81,31 @@ def batches_in_flight(config: RunConfig, gpus_per_actor: float) -> int:
     return -(-target // per_batch) + 1
 
 
-def caption_pool(actors: int, batches_in_flight: int) -> tuple[Any, dict[str, Any]]:
-    """A fixed pool of caption actors, each running `batches_in_flight` batches at once on threads.
+def caption_pool(actors: int | EnginePlan, batches_in_flight: int) -> tuple[Any, dict[str, Any]]:
+    """The pool of caption actors, each running `batches_in_flight` batches at once on threads: fixed for a
+    count, Ray Data's autoscaling pool for a plan whose fewest and most differ.
 
     The actor's engine loop is shared by those threads, so one batch's requests wait in the engine
     while another drains. Ray 2.60 only runs a synchronous UDF on several threads with
     `enable_true_multi_threading`; earlier releases did so with the actor's `max_concurrency`.
+
+    An autoscaling pool (`ActorPoolStrategy(min_size=, max_size=)`, ray/data/_internal/compute.py) grows when
+    its utilisation, tasks in flight over the calls its actors run at once, passes Ray Data's upscaling
+    threshold (`actor_pool_util_upscaling_threshold`, 1.75 in Ray 2.60: default_actor_autoscaler.py) and the
+    cluster has room for one more actor. Utilisation can only pass 1 when an actor may hold more tasks than it
+    runs, so each actor of an elastic pool is handed twice its batches (the second queue at the actor: Ray
+    Data's own default factor); a fixed pool keeps one task per running batch.
     """
     import inspect
 
     from ray.data import ActorPoolStrategy
 
-    kwargs: dict[str, Any] = {"size": actors, "max_tasks_in_flight_per_actor": batches_in_flight}
+    if isinstance(actors, EnginePlan) and actors.elastic:
+        kwargs: dict[str, Any] = {"min_size": actors.fewest, "max_size": actors.most,
+                                  "max_tasks_in_flight_per_actor": 2 * batches_in_flight}
+    else:
+        size = actors.fewest if isinstance(actors, EnginePlan) else actors
+        kwargs = {"size": size, "max_tasks_in_flight_per_actor": batches_in_flight}
     if "enable_true_multi_threading" in inspect.signature(ActorPoolStrategy).parameters:
         pool = ActorPoolStrategy(**kwargs, max_concurrent_calls_per_actor=batches_in_flight,
                                  enable_true_multi_threading=True)
@@ -114,7 +117,8 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
             on_wait: Callable[[LeaseInfo, float], None] | None = None,
             captioner: type = CaptionActor,
             display: Callable[[Progress], AbstractContextManager[Any]] | None = None,
-            hooks: RunHooks = NO_HOOKS, worker_setup: Callable[[], None] | None = None) -> RunSummary:
+            hooks: RunHooks = NO_HOOKS, worker_setup: Callable[[], None] | None = None,
+            redo: Selection | None = None) -> RunSummary:
     """Run the pipeline to completion under the output's lease and return the summary.
 
     `captioner` is the caption actor class (benchmarks swap in an instant stand-in to measure the rest);
@@ -125,28 +129,34 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
     started = time.monotonic()
     ledger = Ledger(config.output.uri, config.output.storage_options)
     ledger.check_target(allow_existing)  # a foreign folder is refused before the lease is written
-    lease = OutputLease(config.output.uri, config.output.storage_options)
+    lease = OutputLease(config.output.uri, config.output.storage_options, ttl_s=config.compute.lease_ttl_s)
     lease.acquire(wait=True, on_wait=on_wait)  # before anything is written; LeaseHeldError if live
     try:
         lease.start_heartbeat()
         metadata = RunMetadata.of(config)  # the config's fingerprint, computed once for the whole run
         work = prepare_output(ledger, config, metadata.manifest(config), overwrite, retry_errors,
-                              fingerprint=metadata.fingerprint)
+                              fingerprint=metadata.fingerprint, redo=redo)  # redo: `run --redo` (run/redo.py)
         progress = Progress(total_shards=work.plan["shards"], done_shards=work.plan["shards"] - len(work.pending),
                             images_known=work.plan.get("images_known", 0), mode_names=[m.name for m in config.modes])
         committer = Committer(config, ledger, progress, lease, retrying=set(work.retry), hooks=hooks,
                               metadata=metadata)
         items, loop_cpu_s = work.items(), 0.0
+        duplicates: dict[str, int] = {}
+        engines: set[str] = set()  # the caption actors that returned batches, over every pass
         with contextlib.ExitStack() as stack:
             stack.callback(committer.close)  # commits in flight finish (or are cancelled) on every exit path
             if display and items:
                 stack.enter_context(display(progress))
+            if items and config.compute.dedup:  # the run's content index (engine/dedup.py), killed on every exit
+                _init_ray(config, worker_setup)
+                index = start_index(config.output.uri, config.compute.dedup_results)
+                stack.callback(lambda: duplicates.update(stop_index(index) or {}))
             for attempt in range(1, MAX_PASSES + 1):
                 if not items:
                     break
                 if attempt > 1:
                     log.warning("pass %d: redoing %d shards that did not commit", attempt, len(items))
-                loop_cpu_s += _run_pass(config, items, committer, captioner, hooks, worker_setup)
+                loop_cpu_s += _run_pass(config, items, committer, captioner, hooks, worker_setup, engines)
                 redo = set(committer.take_unfinished())
                 items = [item for item in items if item.shard in redo]
         if items:
@@ -155,45 +165,70 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
         lease.check()
         summary = summarise(ledger, config, time.monotonic() - started, committer, loop_cpu_s,
                             fingerprint=metadata.fingerprint)
+        summary = dataclasses.replace(summary, engines=len(engines) if engines else None)
+        if duplicates:
+            summary = dataclasses.replace(summary, duplicates={name: duplicates.get(name, 0) for name in
+                                                               ("captioned", "reused", "recaptioned")})
         ledger.write_manifest({**(ledger.manifest() or {}), "last_summary": summary.to_dict(),
                                "updated_at": time.time()})
         check_health(summary, config.quality.max_error_share)
         return summary
     finally:
-        lease.release()
+        try:
+            lease.release()
+        finally:
+            ray_session.end()  # the caption actors and their engines, and a local Ray's every process
 
 
 def _run_pass(config: RunConfig, items: list[WorkItem], committer: Committer, captioner: type,
-              hooks: RunHooks, worker_setup: Callable[[], None] | None) -> float:
+              hooks: RunHooks, worker_setup: Callable[[], None] | None, engines: set[str] | None = None) -> float:
     """One Ray Data execution over `items`: read, caption, write fragments, commit as shards complete.
-    Returns the CPU seconds the driver's own loop spent (bookkeeping, and reading the write reports)."""
+    Returns the CPU seconds the driver's own loop spent (bookkeeping, and reading the write reports);
+    adds the caption actors that captioned to `engines`."""
     import ray
 
     _init_ray(config, worker_setup)
-    actors, gpus_per_actor = _actor_resources(config)
+    plan = _actor_resources(config)
+    gpus_per_actor = plan.gpus
+    if config.engine.kind == "openai":  # requests to a server instead of an engine (pipeline/engine/remote.py)
+        captioner = remote_captioner(captioner)
+    log.info("caption engines: %s, each with %s", plan.describe(), plan.needs())
     config_json = config.model_dump_json()
     output = (config.output.uri, config.output.storage_options)
     # Work items cross into Ray Data as plain rows; read_and_prepare reads them back (WorkItem.from_row).
-    ds = ray.data.from_items([item.to_row() for item in items], override_num_blocks=len(items))
+    ds = ray.data.from_items(work_rows(items), override_num_blocks=len(items))
     # A storage error that outlived the reader's own retries fails the read task; Ray runs it again.
     ds = ds.map_batches(read_and_prepare, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"config_json": config_json, "output_uri": output[0]},
+                        fn_kwargs={"config_json": config_json, "output_uri": output[0],
+                                   "run_id": committer.run_id},  # keys recorded in this run's staging
                         num_cpus=config.compute.decode_cpus, max_retries=READ_TASK_RETRIES,
                         retry_exceptions=[TransientStorageError])
-    pool, concurrency_args = caption_pool(actors, batches_in_flight(config, gpus_per_actor))
+    pool, concurrency_args = caption_pool(plan, batches_in_flight(config, gpus_per_actor))
     ds = ds.map_batches(captioner, fn_constructor_kwargs=_captioner_kwargs(config_json, hooks),
                         batch_size=config.compute.batch_size, batch_format="pyarrow", compute=pool,
                         num_gpus=gpus_per_actor, num_cpus=config.compute.cpus_per_actor,
+                        accelerator_type=config.compute.accelerator_type if gpus_per_actor else None,
                         max_restarts=config.compute.max_actor_restarts, max_task_retries=-1,
                         **concurrency_args)
     ds = ds.map_batches(write_stage, batch_size=None, batch_format="pyarrow",  # applies caption clean-up too
-                        fn_kwargs={"output_uri": output[0], "storage_options": output[1],
+                        fn_kwargs={"output_uri": output[0], "storage_options": output[1], "run_id": committer.run_id,
                                    "config_json": config_json}, num_cpus=0.1)
     mark = time.thread_time()
-    for row in ds.iter_rows():
-        report = WriteReport.from_row(row)
-        committer.add(report.shard, report.shard_size, report.keys)
-        committer.progress.maybe_log()
+    # Says what is missing while the engines or read tasks cannot be placed; fails the pass past the timeout.
+    watch = PlacementWatch(plan, config.compute.decode_cpus, config.compute.placement_timeout_s,
+                           progressed=lambda: committer.progress.captioned).start()
+    # What the engines report of themselves (starting, ready, busy), for the console (run/engines.py).
+    engine_watch = EngineWatch(committer.progress, expected=plan.fewest).start()
+    try:
+        for row in ds.iter_rows():
+            report = WriteReport.from_row(row)
+            if engines is not None:
+                engines.update(row.get(ENGINE_COLUMN) or ())  # the caption actors seen (engine/options.py)
+            committer.add(report.shard, report.shard_size, report.keys)
+            committer.progress.maybe_log()
+    finally:
+        watch.stop()
+        engine_watch.stop()
     committer.drain()
     return time.thread_time() - mark
 
@@ -208,7 +243,7 @@ def summarise(ledger: Ledger, config: RunConfig, seconds: float, committer: Comm
               loop_cpu_s: float, *, fingerprint: str | None = None) -> RunSummary:
     """The output's totals over every committed shard, and this run's time and commit figures
     (`fingerprint`: the config's, when the caller has it already)."""
-    totals = Totals.of(ledger.markers(), [mode.name for mode in config.modes])
+    totals = Totals.of(ledger.markers(fingerprint or config.fingerprint()), [mode.name for mode in config.modes])
     now = committer.committed
     return RunSummary(output=ledger.uri, shards=totals.shards, shards_committed_this_run=len(now),
                       images=totals.rows, ok=totals.ok, errors=totals.errors, error_reasons=totals.error_reasons,
@@ -264,12 +299,17 @@ def format_summary(summary: RunSummary) -> str:
              f"images      {summary.images} ({summary.ok} captioned, {summary.errors} errors) in "
              f"{summary.shards} shards ({summary.shards_committed_this_run} committed this run)",
              f"time        {summary.seconds} s"]
+    if summary.engines:
+        lines.append(f"engines     {summary.engines} caption engine{'s' if summary.engines != 1 else ''} ran")
     for name, stats in summary.modes.items():
         lines.append(f"mode {name:<12} {stats.captions} captions, {stats.tokens} tokens, "
                      f"glitch rate {stats.glitch_rate:.1%} ({stats.retries} retries)")
     if summary.error_reasons:
         lines.append("errors      " + ", ".join(f"{reason}: {count}"
                                                for reason, count in list(summary.error_reasons.items())[:5]))
+    if summary.duplicates:
+        lines.append(f"duplicates  {summary.duplicates.get('reused', 0)} rows reused another key's captions; "
+                     f"{summary.duplicates.get('captioned', 0)} images sent to the engine")
     commits = summary.commits
     if commits.latency_p50_s is not None:
         where = f", on {commits.where}" if commits.where else ""
@@ -293,3 +333,6 @@ def validate_before_start(config: RunConfig) -> None:
     looks_local = path.startswith(("/", "./", "../", "~")) or os.path.isabs(path)
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         raise SourceError(f"model.path does not exist: {path}")
+    problem = check_remote_model(config.model)  # a model.path URI: its folder holds a config.json
+    if problem:
+        raise SourceError(problem)

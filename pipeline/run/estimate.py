@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.engine.dedup import digest
 from pipeline.table.records import known_fields, reason_kind  # reasons: as run summaries and `status` count them
 
 DEFAULT_SAMPLE = 1000  # images read and prepared unless --sample says otherwise
@@ -93,6 +94,18 @@ class Tally:
     formats: Counter[str] = field(default_factory=Counter)
     file_bytes: Spread = field(default_factory=Spread)
     pixels: Spread = field(default_factory=Spread)
+    duplicates: int = 0  # readable images whose content (pipeline.io.content) an earlier one of the tally had
+    contents: set[bytes] = field(default_factory=set, repr=False)  # 16-byte digests of the contents seen
+
+    def add_content(self, content_hash: str | None) -> None:
+        """Count a readable image's content: a duplicate when seen before (a run captions it once)."""
+        if content_hash is None:
+            return
+        key = digest(content_hash)
+        if key in self.contents:
+            self.duplicates += 1
+        else:
+            self.contents.add(key)
 
     def add(self, key: str, source: str, error: str | None, fmt: str | None = None, width: int | None = None,
             height: int | None = None, size: int | None = None) -> None:
@@ -123,6 +136,8 @@ class Tally:
         self.formats.update(other.formats)
         self.file_bytes.merge(other.file_bytes)
         self.pixels.merge(other.pixels)
+        self.duplicates += other.duplicates + len(other.contents & self.contents)
+        self.contents |= other.contents
 
     def to_dict(self) -> dict[str, Any]:
         return {"images": self.rows, "broken": self.broken, "reasons": dict(self.reasons.most_common()),
@@ -173,10 +188,12 @@ def output_budget(config: RunConfig) -> list[int]:
 
 
 def assumed_gpus(config: RunConfig) -> int:
-    """The GPUs the config asks for: compute.actors x GPUs per actor when actors are set, else 1."""
-    actors = config.compute.actors
-    if not actors:
+    """The GPUs the config asks for: compute.actors x GPUs per actor when actors are set (a range: its most),
+    else 1."""
+    bounds = config.compute.actor_bounds()
+    if bounds is None:  # unset or `auto`: as many as the cluster has, unknown here
         return 1
+    actors = bounds[1] or bounds[0]
     per_actor = config.compute.gpus_per_actor or config.model.tensor_parallel_size
     return max(1, math.ceil(actors * per_actor))
 

@@ -16,7 +16,7 @@ import logging
 import time
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,10 @@ import numpy as np
 from pipeline.config import RunConfig
 from pipeline.io.sources import Shard, plan_shards
 from pipeline.run.records import WorkItem
+from pipeline.run.redo import Selection, redo_work
 from pipeline.table.fragments import error_keys
 from pipeline.table.ledger import Ledger
+from pipeline.table.records import Marker
 
 log = logging.getLogger("pipeline.run.planning")
 
@@ -37,10 +39,15 @@ class WorkList:
     pending: list[str]
     retry: dict[str, list[str]]
     plan: dict[str, Any]
+    bases: dict[str, dict[str, int]] = field(default_factory=dict)  # `--redo` rows' earlier attempts (redo.py)
 
     def items(self) -> list[WorkItem]:
         return ([WorkItem(shard) for shard in self.pending]
-                + [WorkItem(shard, keys) for shard, keys in self.retry.items()])
+                + [WorkItem(shard, keys, _bases(self.bases.get(shard), keys)) for shard, keys in self.retry.items()])
+
+
+def _bases(bases: dict[str, int] | None, keys: list[str]) -> list[int] | None:
+    return None if not bases else [bases.get(key, 0) for key in keys]
 
 
 def unit_hash(unit: str) -> int:
@@ -115,9 +122,11 @@ def _chain(first: Shard, rest: Iterator[Shard]) -> Iterator[Shard]:
     yield from rest
 
 
-def _retry_work(ledger: Ledger, config: RunConfig) -> dict[str, list[str]]:
+def _retry_work(ledger: Ledger, config: RunConfig, markers: list[Marker]) -> dict[str, list[str]]:
+    """The error rows of committed shards (`markers`, this config's) to redo; shards with nothing captioned
+    are made pending again whole."""
     retry: dict[str, list[str]] = {}
-    for marker in ledger.markers():
+    for marker in markers:
         if not marker.errors:
             continue
         if marker.errors >= marker.rows:
@@ -126,33 +135,66 @@ def _retry_work(ledger: Ledger, config: RunConfig) -> dict[str, list[str]]:
             # images): once repaired, its images have keys that row never had.
             ledger.uncommit(marker.shard)
         else:
-            retry[marker.shard] = error_keys(config.output.uri, config.output.storage_options, marker.shard)
+            retry[marker.shard] = error_keys(config.output.uri, config.output.storage_options, marker.shard,
+                                             marker.part_file())
     return retry
 
 
+def _judge_markers(ledger: Ledger, fingerprint: str) -> tuple[list[Marker], list[Marker]]:
+    """(markers that count as committed, markers of another config's fingerprint). A marker of another
+    fingerprint (a run that lost the output to this one and wrote late) is not done: its shard is redone
+    and the pair replaced by the commit (run/commit.py); one of a shard this plan does not have is removed."""
+    trusted, foreign = ledger.judge_markers(fingerprint)
+    if not foreign:
+        return trusted, []
+    log.warning("%d shards have markers written under another config (fingerprint %s, e.g. shard %s): they do "
+                "not count as committed and are redone", len(foreign), foreign[0].fingerprint, foreign[0].shard)
+    planned = set(ledger.planned_ids())
+    for marker in foreign:
+        if marker.shard not in planned:
+            ledger.uncommit(marker.shard)
+    return trusted, [marker for marker in foreign if marker.shard in planned]
+
+
 def prepare_output(ledger: Ledger, config: RunConfig, manifest: dict[str, Any], overwrite: bool = False,
-                   retry_errors: bool = False, *, fingerprint: str | None = None) -> WorkList:
+                   retry_errors: bool = False, *, fingerprint: str | None = None,
+                   redo: Selection | None = None) -> WorkList:
     """Check the fingerprint, plan, grow or reuse the plan, and list the work still to do.
 
     `fingerprint` is the config's, when the caller has it already (a run computes it once: RunMetadata).
     The caller holds the output's lease: nothing here runs beside another writer."""
     if overwrite:
         ledger.wipe()
-    resuming = ledger.check_fingerprint(fingerprint or config.fingerprint())
+    fingerprint = fingerprint or config.fingerprint()
+    resuming = ledger.check_fingerprint(fingerprint)
     plan = ledger.plan_complete() if resuming else None
     if not resuming:
         ledger.write_manifest({"created_at": time.time(), **manifest})
+    planned_before = plan is not None
     if plan is None:
         ledger.remove_plan()  # a plan cut short by a kill: plan again from the start
         plan = ledger.write_plan(plan_shards(config.input))
         log.info("planned %d shards (%d images known)", plan["shards"], plan["images_known"])
-    elif not set(ledger.planned_ids()) - ledger.committed_ids():
+    trusted, foreign = _judge_markers(ledger, fingerprint)
+    if planned_before and not set(ledger.planned_ids()) - {marker.shard for marker in trusted}:
         plan = grow_plan(ledger, config, plan)
     ledger.clear_staging()  # fragments of shards a killed run left uncommitted
-    retry = _retry_work(ledger, config) if retry_errors else {}
-    committed = ledger.committed_ids()
-    ledger.remove_uncommitted_parts(committed)  # a kill between part file and marker
+    retry: dict[str, list[str]] = {}
+    if retry_errors:
+        retry = _retry_work(ledger, config, trusted)
+        trusted = ledger.markers(fingerprint)  # less the shards made pending again whole
+    bases: dict[str, dict[str, int]] = {}
+    if redo:  # committed rows picked by `--redo`: retry work like error rows, their attempts numbered on
+        chosen = redo_work(ledger, [mode.name for mode in config.modes], redo, fingerprint)
+        for shard, keys in chosen.keys.items():
+            retry[shard] = sorted(set(retry.get(shard, [])) | set(keys))
+        bases = chosen.bases
+        log.info("--redo: %d committed rows in %d shards to re-caption", chosen.rows, len(chosen.keys))
+    committed = {marker.shard for marker in trusted}
+    # A kill between part file and marker, or between a redone pair's marker and its old part's removal. The
+    # part a marker of another config names stays until its shard's commit replaces the pair.
+    ledger.remove_uncommitted_parts([*trusted, *foreign])
     pending = [shard for shard in ledger.planned_ids() if shard not in committed]
-    log.info("%s: %d shards planned, %d committed, %d to do, %d committed with error rows to redo",
+    log.info("%s: %d shards planned, %d committed, %d to do, %d committed with error (or --redo) rows to redo",
              "resuming" if resuming else "new run", plan["shards"], len(committed), len(pending), len(retry))
-    return WorkList(pending, retry, plan)
+    return WorkList(pending, retry, plan, bases)

@@ -23,14 +23,25 @@ class WorkItem:
 
     shard: str
     only: list[str] | None = None
+    bases: list[int] | None = None  # per key of `only`: attempts it already had (`run --redo`, run/redo.py)
 
     def to_row(self) -> dict[str, Any]:
-        return {"shard": self.shard, "only": None if self.only is None else list(self.only)}
+        row = {"shard": self.shard, "only": None if self.only is None else list(self.only)}
+        return row if self.bases is None else {**row, "bases": list(self.bases)}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> WorkItem:
-        only = row.get("only")
-        return cls(str(row["shard"]), None if only is None else [str(key) for key in only])
+        only, bases = row.get("only"), row.get("bases")
+        return cls(str(row["shard"]), None if only is None else [str(key) for key in only],
+                   None if bases is None else [int(base) for base in bases])
+
+
+def work_rows(items: list[WorkItem]) -> list[dict[str, Any]]:
+    """The items as Ray Data rows, every row with the same keys (`bases` on all when any has it)."""
+    rows = [item.to_row() for item in items]
+    if any("bases" in row for row in rows):
+        rows = [{**row, "bases": row.get("bases")} for row in rows]
+    return rows
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,10 @@ class RunSummary:
     seconds: float = 0.0
     fingerprint: str | None = None
     commits: CommitStats = field(default_factory=CommitStats)
+    # This run's content index (pipeline.engine.dedup): `captioned` images sent to an engine, `reused` rows
+    # given another key's captions, `recaptioned` duplicates captioned again; empty with compute.dedup off.
+    duplicates: dict[str, int] = field(default_factory=dict)
+    engines: int | None = None  # caption actors that returned batches this run (None: nothing captioned)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # nested records (modes, commits) become dicts too

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pipeline.captioning.images import IMAGE_EXTENSIONS, prepare_image
 from pipeline.config import InputConfig, RunConfig
 from pipeline.io import walk
+from pipeline.io.content import content_hash
 from pipeline.io.fs import open_fs, retrying
 from pipeline.io.listing import relative_path
 from pipeline.io.sharding import map_in_order  # the planner's own bounded, ordered thread pool
@@ -199,6 +200,8 @@ def read_tally(shard: Shard, config: RunConfig) -> Tally:
         prepared = prepare_image(record.data, record.member or record.key, config.input.max_pixels)
         tally.add(record.key, record.source, prepared.error, prepared.format, prepared.width, prepared.height,
                   len(record.data or b""))
+        if prepared.error is None:  # the read stage's dedup key: duplicates are captioned once (engine/dedup.py)
+            tally.add_content(content_hash(record.data, record.meta))
     if tally.rows == 0:  # the read stage's row for a shard that yielded nothing (pipeline.run.stages._rows_of)
         tally.add(shard.id, shard.uri, "no images in this shard")
     return tally

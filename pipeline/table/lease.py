@@ -14,26 +14,30 @@ Who holds it (`LeaseInfo.state`):
   held     renewed within the last two heartbeats: alive; `acquire` refuses at once, never waits.
 Wall clocks of the hosts sharing an output must agree to well within ttl/3 (NTP).
 
-Every change is a compare-and-swap against the version read, so of two contenders for a free or
-stale lease exactly one wins; the loser re-reads and sees a fresh, held lease:
-  s3     PutObject with IfNoneMatch='*' creates; PutObject / DeleteObject with IfMatch=<ETag read>
-         renew, take over and release; 412 PreconditionFailed or 409 ConditionalRequestConflict means
-         another writer won. A server that rejects conditional deletes gets a re-read, then a delete.
-  local  each change runs under flock() on `<output>/.lease.lock`, a file never deleted, which the
-         kernel releases when its process dies (so no stale lock to break); inside it the record is
-         compared byte for byte with the version read, then replaced by temp file + fsync + rename,
-         or created by link() of a complete temp file (fails if present), both pipeline.io.fs's
-         `write_atomic`, so readers, who take no lock, see a whole record or none. Without flock (some
-         FUSE mounts) the compare and the rename are not atomic together.
-  other  fsspec protocols compare and write without atomicity: best effort, one writer in practice.
-A write whose reply was lost and that a client retried reads as beaten; callers then re-read and know
-their own record by its holder id, so nobody mistakes a won lease for a lost one.
-A lease is advisory: a holder frozen past expiry can write until its next heartbeat sees `lost`.
+Every change is a compare-and-swap against the version read (pipeline.io.conditional: conditional
+PUTs on S3, flock() on `<output>/.lease.lock` plus link() or rename locally), so of two contenders for a
+free or stale lease exactly one wins; the loser re-reads and sees a fresh, held lease. A write whose reply
+was lost and that a client retried reads as beaten; callers then re-read and know their own record by its
+holder id, so nobody mistakes a won lease for a lost one.
+
+Fencing (DESIGN invariant 12). A lease alone is advisory: a holder frozen past its expiry (SIGSTOP, a
+paused VM, a stalled host) and then resumed would write beside the run that took over. So right before it
+writes a part file or a marker, a run proves the lease is still its own: `check()` raises LeaseLostError
+unless, on this process's clock,
+    now + margin < (start of the last successful write of the record) + ttl
+The clock is CLOCK_BOOTTIME where there is one (monotonic, and it keeps counting while a machine sleeps,
+so a suspended laptop does not think its lease fresh). `margin` is LEASE_FENCE_MARGIN_SHARE of the ttl
+(config/limits.py): it covers the skew between hosts' wall clocks (another run takes over only once
+`expires_at` has passed on its own clock) and the time one write takes once it has been let through.
+Commits in other processes (Ray tasks) cannot see this object; they carry a `StoredLeaseFence`, which reads
+the record itself and compares the holder id and `expires_at - margin` with the wall clock. What a fence
+cannot rule out is a write let through in time that then takes longer than the margin (a PUT that hangs);
+the commit's writes are conditional for that (table/ledger.py): such a late marker cannot replace one
+written meanwhile, and a late part file lands under a name no marker names (removed by the next run).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import getpass
 import json
@@ -46,18 +50,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from pipeline.config.limits import LEASE_TTL_S
-from pipeline.io.fs import is_local, open_fs, to_uri, write_atomic
+from pipeline.config.limits import LEASE_FENCE_MARGIN_SHARE, LEASE_TTL_S
+from pipeline.io.conditional import ConditionalFile, conditional_file
+from pipeline.io.fs import open_fs, retrying, to_uri
 from pipeline.table.names import LEASE_LOCK, lease_path
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock, see the docstring
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -176,130 +176,13 @@ class LeaseInfo:
                 f"{_when(self.acquired_at)}, last heartbeat {now - self.renewed_at:.0f} s ago")
 
 
-# Storage backends: read -> (bytes, version) or None; create / replace -> the new version, None if beaten.
-class _Backend:
-    """Any fsspec file system: compare, then write, not atomic (best effort). Local adds the lock."""
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs, self.path, self.folder = fs, path, posixpath.dirname(path)
-
-    def read(self) -> tuple[bytes, Any] | None:
-        try:
-            data = self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None
-        return data, data
-
-    def _locked(self) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext()
-
-    def _create(self, data: bytes) -> bool:
-        try:
-            write_atomic(self.fs, self.path, data, replace=False)  # locally a link(): fails if present
-        except FileExistsError:
-            return False
-        return True
-
-    def _replace(self, data: bytes) -> None:
-        write_atomic(self.fs, self.path, data)
-
-    def _remove(self) -> None:
-        self.fs.rm_file(self.path)
-
-    def create_exclusive(self, data: bytes) -> Any:
-        with self._locked():
-            return data if self._create(data) else None
-
-    def replace_if(self, version: Any, data: bytes) -> Any:
-        with self._locked():
-            current = self.read()
-            if current is None or current[1] != version:
-                return None
-            self._replace(data)
-            return data
-
-    def delete_if(self, version: Any) -> bool:
-        with self._locked():
-            current = self.read()
-            if current is None or current[1] != version:
-                return False
-            self._remove()
-            return True
-
-
-class _LocalBackend(_Backend):
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        os.makedirs(self.folder, exist_ok=True)
-        descriptor = os.open(posixpath.join(self.folder, LEASE_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            with contextlib.suppress(OSError, AttributeError):  # no flock here: see the docstring
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(descriptor)  # releases the flock
-
-    # Created and replaced as any backend's (write_atomic: a link() or a rename of a complete, fsynced
-    # temporary file), under the lock.
-    def _remove(self) -> None:
-        os.remove(self.path)
-
-
-def _beaten(error: BaseException) -> bool:
-    """A conditional request that another writer won (or whose object it deleted)."""
-    response = getattr(error.__cause__, "response", None) or getattr(error, "response", None) or {}
-    code = response.get("Error", {}).get("Code")
-    return isinstance(error, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict",
-                                                          "NoSuchKey")
-
-
-class _S3Backend(_Backend):
-    def __init__(self, fs: Any, path: str) -> None:
-        super().__init__(fs, path)
-        self.bucket, self.key, _ = fs.split_path(path)
-
-    def _call(self, method: str, **kwargs: Any) -> dict[str, Any] | None:
-        try:
-            return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
-        except Exception as error:
-            if _beaten(error):
-                return None
-            raise
-
-    def read(self) -> tuple[bytes, Any] | None:
-        from fsspec.asyn import sync
-
-        response = self._call("get_object")  # body and ETag from one request: they match
-        return None if response is None else (sync(self.fs.loop, response["Body"].read), response["ETag"])
-
-    def create_exclusive(self, data: bytes) -> Any:
-        response = self._call("put_object", Body=data, IfNoneMatch="*")
-        return response and response["ETag"]
-
-    def replace_if(self, version: Any, data: bytes) -> Any:
-        response = self._call("put_object", Body=data, IfMatch=version)
-        return response and response["ETag"]
-
-    def delete_if(self, version: Any) -> bool:
-        try:
-            return self._call("delete_object", IfMatch=version) is not None
-        except OSError:  # a server without conditional deletes: re-read, then delete (a short race)
-            current = self.read()
-            if current is None or current[1] != version:
-                return False
-            self._call("delete_object")
-            return True
-
-
-def _backend(output_uri: str, storage_options: dict[str, Any] | None) -> _Backend:
+def _backend(output_uri: str, storage_options: dict[str, Any] | None) -> ConditionalFile:
     fs, root = open_fs(output_uri, storage_options)
     path = lease_path(root)
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    kind = _LocalBackend if is_local(fs) else _S3Backend if protocols & {"s3", "s3a"} else _Backend
-    return kind(fs, path)
+    return conditional_file(fs, path, lock=posixpath.join(posixpath.dirname(path), LEASE_LOCK))
 
 
-def _read(backend: _Backend) -> tuple[LeaseInfo, Any] | None:
+def _read(backend: ConditionalFile) -> tuple[LeaseInfo, Any] | None:
     current = backend.read()
     if current is None:
         return None
@@ -316,22 +199,40 @@ def read_lease(output_uri: str, storage_options: dict[str, Any] | None = None) -
     return current and current[0]
 
 
+def boot_clock() -> float:
+    """Seconds on a clock that never goes back and keeps counting while the machine is suspended
+    (CLOCK_BOOTTIME on Linux; time.monotonic elsewhere)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+def fence_margin(ttl_s: float) -> float:
+    """Seconds of a lease's life a write needs left before it is let through (see the module docstring)."""
+    return ttl_s * LEASE_FENCE_MARGIN_SHARE
+
+
 # The lease -------------------------------------------------------------------------------------------
 class OutputLease:
     """The single-writer lease of one output.
 
     `with OutputLease(uri) as lease:` acquires (waiting only for a stale holder) and heartbeats until
-    release; or call `acquire`, `start_heartbeat` and `release` yourself. The run should call `check()`
-    before each commit: it raises LeaseLostError once a renewal found the lease taken over (`lost`).
+    release; or call `acquire`, `start_heartbeat` and `release` yourself. The run calls `check()` right
+    before each write of a part file or marker (the fence, see the module docstring): it raises
+    LeaseLostError once a renewal found the lease taken over (`lost`), or when the last successful renewal
+    is too old to prove the lease is still ours.
     """
 
     def __init__(self, output_uri: str, storage_options: dict[str, Any] | None = None, ttl_s: float = LEASE_TTL_S,
                  command: str | None = None, on_lost: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        """`clock` is the wall clock that records are stamped and judged by (tests drive a fake one)."""
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = boot_clock) -> None:
+        """`clock` is the wall clock that records are stamped and judged by, `monotonic` the local clock the
+        fence measures the lease's remaining life on (tests drive fake ones)."""
         self._backend = _backend(output_uri, storage_options)
+        self.output_uri, self.storage_options = output_uri, dict(storage_options or {})
         self.uri = to_uri(self._backend.fs, self._backend.path)
-        self.ttl_s, self.on_lost, self._clock = float(ttl_s), on_lost, clock
+        self.ttl_s, self.on_lost, self._clock, self._monotonic = float(ttl_s), on_lost, clock, monotonic
+        self.margin_s = fence_margin(self.ttl_s)
+        self._valid_from: float | None = None  # `monotonic` when the last successful write of our record began
         self.holder = uuid.uuid4().hex
         self.command = _command() if command is None else command
         self.info: LeaseInfo | None = None
@@ -352,12 +253,14 @@ class OutputLease:
         waited for (wait=True, calling `on_wait(holder, seconds_left)` at every poll, ttl/20 and at most
         1 s apart) and taken over."""
         while True:
+            started = self._monotonic()
             current = _read(self._backend)
             if current is None:
                 record = self._record(self._clock())
                 version = self._backend.create_exclusive(record.to_bytes())
             elif current[0].holder == self.holder:  # ours (an earlier call, or a retried write that had landed)
                 record, version = current
+                started -= max(0.0, self._clock() - record.renewed_at)  # valid from when it was written
             else:
                 info, seen = current
                 state = info.state(self._clock())
@@ -373,6 +276,7 @@ class OutputLease:
                 version = self._backend.replace_if(seen, record.to_bytes())  # the takeover
             if version is not None:
                 self.info, self._version, self.lost, self.lost_reason = record, version, False, ""
+                self._valid_from = started
                 return record
             # Another contender won this round: read again, it is probably held now.
 
@@ -393,14 +297,16 @@ class OutputLease:
             if self.info is None or self.lost:
                 raise LeaseLostError(self.lost_reason or f"{self.uri} is not held")
             for _ in range(3):
+                started = self._monotonic()  # before the record is stamped: its expiry is no earlier
                 record = self._record(self.info.acquired_at)
                 version = self._backend.replace_if(self._version, record.to_bytes())
                 if version is not None:
-                    self.info, self._version = record, version
+                    self.info, self._version, self._valid_from = record, version, started
                     return record
                 current = _read(self._backend)
                 if current is None or current[0].holder != self.holder:
-                    other = "deleted" if current is None else f"taken over by {current[0].describe(self._clock())}"
+                    other = ("deleted (taken over by a run that has finished since, or removed by hand)"
+                             if current is None else f"taken over by {current[0].describe(self._clock())}")
                     self._mark_lost(f"the lease {self.uri} was {other}")
                     raise LeaseLostError(self.lost_reason)
                 self._version = current[1]  # still ours: only our version was stale (a retried write)
@@ -412,9 +318,28 @@ class OutputLease:
         if self.on_lost:
             self.on_lost(reason)
 
+    def valid_for(self) -> float:
+        """Seconds this run can still prove the lease is its own, the fence's margin taken off (<= 0: not)."""
+        if self._valid_from is None:
+            return 0.0
+        return self._valid_from + self.ttl_s - self.margin_s - self._monotonic()
+
     def check(self) -> None:
+        """The fence: return only if the lease is provably ours for at least the margin; else LeaseLostError."""
         if self.lost:
             raise LeaseLostError(self.lost_reason)
+        if self.info is None:
+            raise LeaseLostError(f"{self.uri} is not held by this run")
+        if self.valid_for() <= 0:
+            renewed = self._monotonic() - (self._valid_from or 0.0)
+            raise LeaseLostError(
+                f"this run could not renew its lease {self.uri} in time (last renewed {renewed:.0f} s ago; a lease "
+                f"lasts {self.ttl_s:.0f} s and a write needs {self.margin_s:.0f} s of it left), so the output may "
+                "have been taken over by another run; stopped without writing more")
+
+    def fence(self, output_uri: str | None = None) -> StoredLeaseFence:
+        """A fence for commits in other processes (Ray tasks): checks the stored record, see StoredLeaseFence."""
+        return StoredLeaseFence(output_uri or self.output_uri, self.storage_options, self.holder, self.margin_s)
 
     def start_heartbeat(self) -> None:
         if self._thread is None:
@@ -450,7 +375,7 @@ class OutputLease:
         """Stop the heartbeat and delete the lease, if it is still ours."""
         self._stop_heartbeat()
         with self._lock:
-            version, self.info = self._version, None
+            version, self.info, self._valid_from = self._version, None, None
             if version is None or self.lost:
                 return
             self._version = None
@@ -470,3 +395,35 @@ class OutputLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass(frozen=True)
+class StoredLeaseFence:
+    """The fence of a commit that runs in another process (a Ray task), where the driver's OutputLease is
+    out of reach: `check()` reads the lease record from storage and lets a write through only if the
+    record still names `holder` and will not expire within `margin_s` on this host's wall clock.
+
+    Chosen over carrying the driver's valid-until time in the task: that would be stale by the time a
+    queued task runs (a commit waiting behind others would be refused while the driver renews fine), and
+    the record is the very thing another run judges expiry by. It costs one GET per check (two per
+    commit), and like the lease itself it relies on hosts' clocks agreeing to within the margin."""
+
+    output_uri: str
+    storage_options: dict[str, Any] = field(repr=False)
+    holder: str
+    margin_s: float
+
+    def check(self) -> None:
+        info = retrying(read_lease, self.output_uri, self.storage_options, what=f"the lease of {self.output_uri}")
+        now = time.time()
+        if info is None:
+            raise LeaseLostError(f"the lease of {self.output_uri} is gone (its run ended or it was deleted): this "
+                                 "commit stopped without writing")
+        if info.holder != self.holder:
+            raise LeaseLostError(f"the output {self.output_uri} was taken over by {info.describe(now)}: this "
+                                 "commit stopped without writing")
+        if info.expires_at - self.margin_s <= now:
+            raise LeaseLostError(f"the lease of {self.output_uri} was not renewed in time (it expires in "
+                                 f"{info.expires_at - now:.0f} s, within the {self.margin_s:.0f} s margin a write "
+                                 "needs), so the output may have been taken over: this commit stopped without "
+                                 "writing")

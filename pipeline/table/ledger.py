@@ -4,25 +4,37 @@ Layout of an output folder (every name the pipeline writes, all of them in names
     _lease.json               the single-writer lease of the run writing now (lease.py)
     _manifest.json            resolved config, fingerprint, model and engine versions
     _plan/<shard>.json        the shard plan written before any work (and _plan/_complete.json)
-    _staging/<shard>/...      caption fragments of shards in progress (never read as output)
-    data/part-<shard>.parquet the table, one file per committed shard
+    _staging/<shard>/<run>/.. caption fragments of shards in progress, per run (never read as output)
+    data/part-<shard>[-<run>].parquet the table, one file per committed shard, named by its marker
     _markers/<shard>.json     written last: the shard is done only once its marker exists
 
-Resume skips shards with markers before anything is read, and clears staging and part files of the
-others. Names that start with `_` or `.` are ignored by Parquet readers, so `data/` reads as the table.
+Resume skips shards with markers of the run's fingerprint before anything is read, and clears staging and
+the part files no marker names. Names that start with `_` or `.` are ignored by Parquet readers, so `data/`
+reads as the table once a run has finished (while one runs, or after a kill, readers go by the markers).
 A folder that is not a pipeline output is refused unless the user allows writing beside other files,
 and even then a folder whose own `data/`, `_plan/`, ... would be mixed with the pipeline's is refused.
+
+Commits (run/commit.py) write through `create_part`, `write_part` and `publish_marker`: each is fenced (the
+caller's lease must still be provably its own right before the write, pipeline.table.lease) and
+conditional where two writers could meet: a part's first name is created only if absent, and a marker is
+created only if absent or replaced only if it is still the version the commit read (If-None-Match /
+If-Match on S3, link() and a compare under the output's lock file locally). Every storage call here is
+retried on transient errors with the read path's policy (pipeline.io.retry); one that never clears raises
+TransientStorageError and leaves nothing half-committed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from pipeline.io.conditional import conditional_file
 from pipeline.io.fs import (
     TEMPORARY_PREFIX,
     is_local,
@@ -31,6 +43,7 @@ from pipeline.io.fs import (
     open_fs,
     read_bytes,
     remove_tree,
+    retrying,
     to_uri,
     write_atomic,
 )
@@ -39,6 +52,7 @@ from pipeline.table.names import (
     DATA,
     FOLDERS,
     LEASE,
+    LEASE_LOCK,
     MARKERS,
     PART_FILE,
     PLAN,
@@ -48,13 +62,40 @@ from pipeline.table.names import (
     STAGING,
     manifest_path,
     marker_path,
-    part_path,
     plan_done_path,
     plan_path,
     shard_of_file,
     staging_dir,
 )
 from pipeline.table.records import Marker
+
+log = logging.getLogger("pipeline.table.ledger")
+MARKER_ROUNDS = 5  # compare-and-swap rounds a marker write tries when the marker changed under it
+
+
+class Fence(Protocol):
+    """Proves, right before a write, that the writer still holds the output's lease (pipeline.table.lease:
+    OutputLease, StoredLeaseFence); raises LeaseLostError otherwise."""
+
+    def check(self) -> None: ...
+
+
+class NoFence:
+    """No lease to prove (a test's commit, with no run around it)."""
+
+    def check(self) -> None:
+        return None
+
+
+NO_FENCE = NoFence()
+
+
+@dataclass(frozen=True)
+class StoredMarker:
+    """A marker as read, with the version a conditional replace of it must name (S3: its ETag)."""
+
+    marker: Marker
+    version: Any
 
 
 class FingerprintMismatchError(RuntimeError):
@@ -77,13 +118,19 @@ class Ledger:
         return join(self.root, *parts)
 
     def _write_json(self, path: str, value: dict[str, Any]) -> None:
-        write_atomic(self.fs, path, json.dumps(value, indent=1, ensure_ascii=False).encode())
+        retrying(write_atomic, self.fs, path, _json_bytes(value))
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
         try:
-            return json.loads(read_bytes(self.fs, path))
+            return json.loads(retrying(read_bytes, self.fs, path))
         except FileNotFoundError:
             return None
+
+    def _list(self, *parts: str) -> list[str]:
+        return retrying(list_names, self.fs, self._path(*parts))
+
+    def _remove(self, path: str) -> None:
+        retrying(remove_tree, self.fs, path)
 
     # Ownership -------------------------------------------------------------------------------
     def check_target(self, allow_existing: bool = False) -> None:
@@ -91,7 +138,7 @@ class Ledger:
         if self.manifest() is not None:
             return
         # Hidden names (.DS_Store, a run's temporary files, the lease lock) are nobody's data.
-        names = [name for name in list_names(self.fs, self.root) if name != LEASE and not name.startswith(".")]
+        names = [name for name in self._list() if name != LEASE and not name.startswith(".")]
         clashes = [name for name in names if name in RESERVED]
         if clashes:
             raise ForeignOutputError(
@@ -137,13 +184,13 @@ class Ledger:
         self._remove_matching(DATA, PART_FILE)
         self.clear_staging()
         self.remove_plan()
-        remove_tree(self.fs, manifest_path(self.root))
+        self._remove(manifest_path(self.root))
         self._remove_empty_folders()
 
     def _remove_matching(self, folder: str, pattern: re.Pattern[str]) -> int:
-        names = [name for name in list_names(self.fs, self._path(folder)) if pattern.match(name)]
+        names = [name for name in self._list(folder) if pattern.match(name)]
         for name in names:
-            remove_tree(self.fs, self._path(folder, name))
+            self._remove(self._path(folder, name))
         return len(names)
 
     def _remove_empty_folders(self) -> None:
@@ -159,7 +206,7 @@ class Ledger:
         return self._read_json(plan_done_path(self.root))
 
     def remove_plan(self) -> None:
-        remove_tree(self.fs, plan_done_path(self.root))
+        self._remove(plan_done_path(self.root))
         self._remove_matching(PLAN, SHARD_FILE)
 
     def write_plan(self, shards: Iterable[Shard], workers: int = 16, grown_from: dict[str, Any] | None = None,
@@ -170,7 +217,7 @@ class Ledger:
         count, images, window = 0, 0, []
         with ThreadPoolExecutor(workers) as pool:
             for shard in shards:
-                window.append(pool.submit(write_atomic, self.fs, self.plan_path(shard.id),
+                window.append(pool.submit(retrying, write_atomic, self.fs, self.plan_path(shard.id),
                                           shard.to_json().encode()))
                 count, images = count + 1, images + (shard.size or 0)
                 if len(window) >= 4 * workers:
@@ -189,7 +236,7 @@ class Ledger:
         return summary
 
     def planned_ids(self) -> Iterator[str]:
-        for name in list_names(self.fs, self._path(PLAN)):
+        for name in self._list(PLAN):
             if SHARD_FILE.match(name):
                 yield shard_of_file(name)
 
@@ -203,47 +250,145 @@ class Ledger:
         with ThreadPoolExecutor(workers) as pool:
             for start in range(0, len(ids), window):
                 paths = [self.plan_path(shard_id) for shard_id in ids[start:start + window]]
-                for text in pool.map(lambda path: read_bytes(self.fs, path), paths):
+                for text in pool.map(lambda path: retrying(read_bytes, self.fs, path), paths):
                     yield Shard.from_json(text.decode())
 
     # Markers ---------------------------------------------------------------------------------
     def committed_ids(self) -> set[str]:
-        return {shard_of_file(name) for name in list_names(self.fs, self._path(MARKERS)) if SHARD_FILE.match(name)}
+        """Shards with a marker, whatever its fingerprint (a listing only; `markers(fingerprint)` to judge them)."""
+        return {shard_of_file(name) for name in self._list(MARKERS) if SHARD_FILE.match(name)}
 
     def write_marker(self, marker: Marker) -> None:
+        """Write a marker unconditionally (tests and tools; commits use `publish_marker`)."""
         self._write_json(marker_path(self.root, marker.shard), marker.to_dict())
 
     def marker(self, shard_id: str) -> Marker | None:
         found = self._read_json(marker_path(self.root, shard_id))
         return None if found is None else Marker.from_dict(found)
 
-    def markers(self) -> list[Marker]:
+    def read_marker(self, shard_id: str) -> StoredMarker | None:
+        """A shard's marker with its version, for a conditional replace (`publish_marker`)."""
+        found = retrying(self._marker_file(shard_id).read, what=marker_path(self.root, shard_id))
+        return None if found is None else StoredMarker(Marker.from_dict(json.loads(found[0])), found[1])
+
+    def markers(self, fingerprint: str | None = None) -> list[Marker]:
+        """Every marker in shard order; with `fingerprint`, only those that count as done for that config
+        (`Marker.made_with`: a marker of another fingerprint does not)."""
         paths = [marker_path(self.root, shard) for shard in sorted(self.committed_ids())]
-        contents = self.fs.cat(paths) if paths else {}
-        return [Marker.from_dict(json.loads(contents[path])) for path in paths if path in contents]
+        try:  # one batched read (concurrent on S3)
+            contents = self.fs.cat(paths, on_error="return") if paths else {}
+        except OSError:  # read one by one below, each retried
+            contents = {}
+        markers = []
+        for path in paths:
+            data = contents.get(path) if isinstance(contents, dict) else None
+            if isinstance(data, BaseException) or data is None:
+                try:  # a transient error in the batch read: read it again, retried; gone meanwhile: skipped
+                    data = retrying(read_bytes, self.fs, path)
+                except FileNotFoundError:
+                    continue
+            markers.append(Marker.from_dict(json.loads(data)))
+        return [marker for marker in markers if marker.made_with(fingerprint)]
+
+    def judge_markers(self, fingerprint: str) -> tuple[list[Marker], list[Marker]]:
+        """Every marker, split into those that count as done for config `fingerprint` and those of another
+        config (each of those named in the log)."""
+        every = self.markers()
+        foreign = [marker for marker in every if not marker.made_with(fingerprint)]
+        for marker in foreign:
+            log.info("shard %s: its marker was written under config fingerprint %s (holder %s), not %s: it does "
+                     "not count as committed", marker.shard, marker.fingerprint, marker.holder, fingerprint)
+        return [marker for marker in every if marker.made_with(fingerprint)], foreign
+
+    def _marker_file(self, shard_id: str) -> Any:
+        return conditional_file(self.fs, marker_path(self.root, shard_id), lock=self._path(LEASE_LOCK))
+
+    def part_path(self, name: str) -> str:
+        return self._path(DATA, name)
+
+    def create_part(self, name: str, data: bytes, fence: Fence = NO_FENCE) -> bool:
+        """Write part file `name` only if no file has that name (fenced); False if one has. A retried write
+        whose first attempt landed also reads as False: the caller then writes under its run's own name."""
+        target = conditional_file(self.fs, self.part_path(name))
+
+        def attempt() -> Any:
+            fence.check()
+            return target.create_exclusive(data)
+
+        return retrying(attempt, what=self.part_path(name)) is not None
+
+    def write_part(self, name: str, data: bytes, fence: Fence = NO_FENCE) -> None:
+        """Write part file `name`, replacing one there (fenced): for names only one run ever writes."""
+
+        def attempt() -> None:
+            fence.check()
+            write_atomic(self.fs, self.part_path(name), data)
+
+        retrying(attempt, what=self.part_path(name))
+
+    def publish_marker(self, marker: Marker, seen: StoredMarker | None, fence: Fence = NO_FENCE) -> None:
+        """Make `marker` the shard's marker: created if `seen` is None, else replacing exactly the version
+        `seen` read (so a marker written meanwhile under another holder is never overwritten blindly). Each
+        attempt is fenced after the version it names was read. If the marker changed meanwhile, it is read
+        again and the swap retried against what is there; one that is already `marker` (a retried write
+        that had landed) counts as written."""
+        target = self._marker_file(marker.shard)
+        data, where = _json_bytes(marker.to_dict()), marker_path(self.root, marker.shard)
+        version = None if seen is None else seen.version
+        for _ in range(MARKER_ROUNDS):
+            fence.check()
+            if version is None:
+                written = retrying(target.create_exclusive, data, what=where)
+            else:
+                written = retrying(target.replace_if, version, data, what=where)
+            if written is not None:
+                return
+            current = retrying(target.read, what=where)
+            if current is not None and _same_commit(Marker.from_dict(json.loads(current[0])), marker):
+                return
+            if current is not None:
+                log.info("shard %s: its marker changed during the commit (now %s); replacing it",
+                         marker.shard, Marker.from_dict(json.loads(current[0])).holder)
+            version = None if current is None else current[1]
+        raise RuntimeError(f"{to_uri(self.fs, where)} kept changing while this run committed shard {marker.shard}")
+
+    def remove_part(self, name: str) -> None:
+        self._remove(self.part_path(name))
 
     def uncommit(self, shard_id: str) -> None:
-        """Make a committed shard pending again: marker first, then its part file, so that a run killed
-        in between leaves a shard with no marker (redone) rather than a marker with no rows."""
-        for path in (marker_path(self.root, shard_id), part_path(self.root, shard_id)):
-            remove_tree(self.fs, path)
+        """Make a committed shard pending again: marker first, then the part file it names, so that a run
+        killed in between leaves a shard with no marker (redone) rather than a marker with no rows."""
+        found = self.marker(shard_id)
+        self._remove(marker_path(self.root, shard_id))
+        self.remove_part(found.part_file() if found is not None else Marker(shard_id).part_file())
 
-    def remove_uncommitted_parts(self, committed: set[str]) -> int:
-        """Delete part files with no marker (a run killed between part and marker) and temporary files a
-        killed local write left in `data/`, so that `data/` holds committed shards only."""
-        stale = []
-        for name in list_names(self.fs, self._path(DATA)):
-            match = PART_FILE.match(name)
-            if match and (name.startswith(TEMPORARY_PREFIX) or match.group(1) not in committed):
-                stale.append(name)
+    def remove_uncommitted_parts(self, markers: Iterable[Marker]) -> int:
+        """Delete part files no marker in `markers` names (a run killed between part and marker, a replaced
+        pair's old part, a part a frozen run wrote late) and temporary files a killed local write left in
+        `data/`, so that `data/` holds committed shards only."""
+        named = {marker.part_file() for marker in markers}
+        stale = [name for name in self._list(DATA)
+                 if PART_FILE.match(name) and (name.startswith(TEMPORARY_PREFIX) or name not in named)]
         for name in stale:
-            remove_tree(self.fs, self._path(DATA, name))
+            self.remove_part(name)
         return len(stale)
 
     def clear_staging(self, shard_id: str | None = None) -> None:
+        """Remove a shard's staging (every run's fragments of it), or all staging."""
         if shard_id is not None:
-            remove_tree(self.fs, staging_dir(self.root, shard_id))
+            self._remove(staging_dir(self.root, shard_id))
             return
-        for name in list_names(self.fs, self._path(STAGING)):
+        for name in self._list(STAGING):
             if SHARD_ID.fullmatch(name):
-                remove_tree(self.fs, staging_dir(self.root, name))
+                self._remove(staging_dir(self.root, name))
+
+
+def _json_bytes(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, indent=1, ensure_ascii=False).encode()
+
+
+def _same_commit(found: Marker, ours: Marker) -> bool:
+    """Whether the stored marker `found` is `ours` (a retried write of it landed)."""
+    if ours.holder is not None:
+        return found.holder == ours.holder and found.part_file() == ours.part_file()
+    return found == ours

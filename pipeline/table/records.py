@@ -18,6 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.table.names import part_name
+
 
 @dataclass(frozen=True)
 class ModeStats:
@@ -46,7 +48,11 @@ class ModeStats:
 
 @dataclass(frozen=True)
 class Marker:
-    """A committed shard: its counts, the config it was made with, and when and how fast it committed."""
+    """A committed shard: its counts, the config it was made with, and when and how fast it committed.
+
+    It names its part file (`part`; markers written before the field existed mean `part-<shard>.parquet`),
+    the run that wrote it (`holder`, the id of that run's lease; absent in older markers) and the config's
+    `fingerprint`: a marker of another fingerprint does not count as done (DESIGN invariant 12)."""
 
     shard: str
     rows: int = 0
@@ -57,6 +63,16 @@ class Marker:
     committed_at: float | None = None
     commit_s: float | None = None  # from the shard's last row reaching the driver to this marker
     error_reasons: dict[str, int] = field(default_factory=dict)  # error rows by kind of reason
+    holder: str | None = None  # the lease holder id (run id) it was written under
+    part: str | None = None  # its part file's name in data/
+
+    def part_file(self) -> str:
+        """The name of the part file this marker commits (in `data/`)."""
+        return self.part or part_name(self.shard)
+
+    def made_with(self, fingerprint: str | None) -> bool:
+        """Whether this marker counts as done for a run of config `fingerprint` (unknown on either side: yes)."""
+        return fingerprint is None or self.fingerprint is None or self.fingerprint == fingerprint
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "modes": {name: asdict(stats) for name, stats in self.modes.items()}}
@@ -201,6 +217,7 @@ class StatusReport:
     shard_rate_per_s: float | None = None
     eta_s: float | None = None
     checked_at: float = 0.0
+    engines_last_run: int | None = None  # caption engines the last finished run used (its summary's `engines`)
 
     @property
     def finished(self) -> bool:

@@ -13,8 +13,10 @@ METADATA_KEY = b"joycaption_pipeline"
 _INT32, _STRING = pa.int32(), pa.string()
 _BASE_TYPES: dict[str, pa.DataType] = {"width": _INT32, "height": _INT32}
 _REQUIRED = frozenset({"key", "shard", "status"})
-_IN_FLIGHT_TYPES: dict[str, pa.DataType] = {"shard_size": pa.int64(), "pixels": pa.binary()}
-_MODE_TYPES: dict[str, pa.DataType] = {"_tokens": _INT32, "_attempts": _INT32, "_seed": pa.int64()}
+_IN_FLIGHT_TYPES: dict[str, pa.DataType] = {"shard_size": pa.int64(), "pixels": pa.binary(), "attempt_base": _INT32,
+                                            "content_hash": _STRING}
+_MODE_TYPES: dict[str, pa.DataType] = {"_tokens": _INT32, "_attempts": _INT32, "_seed": pa.int64(),
+                                       "_confidence": pa.float32()}
 
 BASE_FIELDS = [pa.field(name, _BASE_TYPES.get(name, _STRING), nullable=name not in _REQUIRED) for name in BASE_COLUMNS]
 MODE_TYPES: dict[str, pa.DataType] = {suffix: _MODE_TYPES.get(suffix, _STRING) for suffix in MODE_SUFFIXES}

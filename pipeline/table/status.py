@@ -1,7 +1,8 @@
 """Where a run stands, read from its output folder alone (no Ray, no engine).
 
 Everything comes from the ledger: the plan says how many shards there are, markers what is done
-and how it went, `_staging/` what is in flight. A run counts as live while it holds the output's lease
+and how it went, `_staging/` what is in flight: in progress while a run holds the lease, else left by an
+interrupted run (the next run clears it). A run counts as live while it holds the output's lease
 (lease.py: renewed by its heartbeat, and on this machine its process still exists); only then is an ETA
 given, from the recent shard rate. A run stopped by Ctrl-C released its lease; a killed one's lease
 reads as gone at once on its own machine and as expired after its time to live elsewhere.
@@ -33,15 +34,28 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
+def _entries(ledger: Ledger, path: str) -> list[dict[str, Any]]:
+    """The files under a shard's staging folder, one level of run folders (`_staging/<shard>/<run>/`) down."""
+    try:
+        entries = ledger.fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:  # committed and cleared while we looked
+        return []
+    files = [entry for entry in entries if entry.get("type") != "directory"]
+    for entry in entries:
+        if entry.get("type") == "directory":
+            try:
+                files.extend(ledger.fs.ls(entry["name"], detail=True, refresh=True))
+            except FileNotFoundError:
+                continue
+    return files
+
+
 def _staging(ledger: Ledger) -> tuple[list[str], float | None]:
     """Shards with fragments in staging, and when the newest fragment was written."""
     shards, newest = [], None
     root = join(ledger.root, STAGING)
     for name in list_names(ledger.fs, root):
-        try:
-            entries = ledger.fs.ls(join(root, name), detail=True)
-        except FileNotFoundError:  # committed and cleared while we looked
-            continue
+        entries = _entries(ledger, join(root, name))
         times = [t for t in (_mtime(entry) for entry in entries) if t is not None]
         if entries:
             shards.append(name)
@@ -69,7 +83,7 @@ def status(output_uri: str, storage_options: dict[str, Any] | None = None, now: 
         raise FileNotFoundError(f"{output_uri} has no {MANIFEST}: not a pipeline output, or its run has not started")
     plan = ledger.plan_complete()
     planned = int(plan["shards"]) if plan else sum(1 for _ in ledger.planned_ids())
-    markers = ledger.markers()
+    markers = ledger.markers(manifest.get("fingerprint"))  # a marker of another config is not committed
     staging, staged_at = _staging(ledger)
     commit_times = sorted(float(m.committed_at) for m in markers if m.committed_at)
     created_at = manifest.get("created_at")
@@ -109,6 +123,7 @@ def status(output_uri: str, storage_options: dict[str, Any] | None = None, now: 
         shard_rate_per_s=round(rate, 5) if rate else None,
         eta_s=(0.0 if pending == 0 else round(pending / rate, 1) if rate else None) if live else None,
         checked_at=now,
+        engines_last_run=(manifest.get("last_summary") or {}).get("engines"),
     )
 
 
@@ -125,8 +140,7 @@ def format_status(report: StatusReport) -> str:
     lines = [f"output      {report.output}",
              f"model       {report.model or '?'}",
              f"plan        {plan}",
-             f"shards      {report.shards_committed} committed, {report.shards_pending} pending, "
-             f"{len(report.shards_staging)} in progress",
+             f"shards      {_shards(report)}",
              f"images      {report.images_done} done ({report.ok} captioned, {report.errors} errors)"]
     if report.error_reasons:
         lines.append(f"errors      {report.error_share:.1%} of rows: " + ", ".join(
@@ -136,8 +150,22 @@ def format_status(report: StatusReport) -> str:
                      f"glitch rate {stats.glitch_rate:.1%} ({stats.retries} retries)")
     if report.throughput_images_per_s is not None:
         lines.append(f"throughput  {report.throughput_images_per_s:.2f} images/s since the run was created")
+    if report.engines_last_run:
+        lines.append(f"engines     {report.engines_last_run} caption engines ran in the last finished run")
     lines.append(f"state       {_state(report)}")
     return "\n".join(lines)
+
+
+def _shards(report: StatusReport) -> str:
+    """Committed and pending; of the pending, those with fragments in staging are in progress only while a run
+    holds the lease: without one, they are what an interrupted run left, which the next run clears."""
+    text = f"{report.shards_committed} committed, {report.shards_pending} pending"
+    staged = len(report.shards_staging)
+    if not staged:
+        return text
+    if report.live:
+        return f"{text} ({staged} in progress)"
+    return f"{text}; {staged} with fragments left by an interrupted run (cleared at the next run)"
 
 
 def _state(report: StatusReport) -> str:

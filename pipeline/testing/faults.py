@@ -9,6 +9,8 @@ Both are hooks of the run's seam (pipeline/run/hooks.py), given to `execute` or 
   so the replacement actor runs clean, as after a real one-off failure. Several faults, comma-separated,
   go to successive actors: each actor takes the first whose ONCE_FILE it can still create.
 - `PauseAt(MOMENT, SECONDS)` holds a commit at a named moment, long enough for a test to kill the run there.
+- `EngineDelay(start_s, first_step_s)` makes an engine slow to start and slow to return its first batch, as a
+  large model on a GPU is: the console's engine-start lines and heartbeats can be seen on the tiny model.
 """
 
 from __future__ import annotations
@@ -99,6 +101,56 @@ class EngineFaults:
             if fault.claim():
                 return FaultyEngine(engine, fault.kind, fault.step)
         return engine
+
+
+class SlowFirstStep:
+    """The engine, except that its first step waits `seconds` first (its first batch stays in the engine)."""
+
+    def __init__(self, engine: Any, seconds: float) -> None:
+        self._engine, self._seconds, self._stepped = engine, seconds, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def step(self) -> Any:
+        if not self._stepped:
+            self._stepped = True
+            log.warning("test delay: the engine's first step waits %.1f s", self._seconds)
+            time.sleep(self._seconds)
+        return self._engine.step()
+
+
+@dataclass(frozen=True)
+class EngineDelay:
+    """An EngineHook that makes an engine slow, as a GPU engine loading a large model is: `start_s` more
+    seconds before the engine counts as built (the actor reports itself ready that much later), `first_step_s`
+    more before its first step returns. `then` is a further hook (EngineFaults) applied after the delays."""
+
+    start_s: float = 0.0
+    first_step_s: float = 0.0
+    then: Any = None  # an EngineHook
+
+    @classmethod
+    def parse(cls, text: str) -> EngineDelay:
+        """`start:SECONDS`, `first_step:SECONDS`, or both comma-separated (tests/launch.py's --engine-delay)."""
+        values: dict[str, float] = {}
+        for part in text.split(","):
+            name, _, seconds = part.strip().partition(":")
+            try:
+                value = float(seconds)
+            except ValueError:
+                value = -1.0
+            if name not in ("start", "first_step") or not value >= 0:
+                raise ValueError(f"engine delay {text!r}: expected start:SECONDS and/or first_step:SECONDS")
+            values[f"{name}_s"] = value
+        return cls(**values)
+
+    def wrap(self, engine: Any) -> Any:
+        if self.start_s:
+            log.warning("test delay: the engine's start takes %.1f s more", self.start_s)
+            time.sleep(self.start_s)
+        engine = self.then.wrap(engine) if self.then is not None else engine
+        return SlowFirstStep(engine, self.first_step_s) if self.first_step_s else engine
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,12 @@ def test_run_defaults_fill_what_a_mode_leaves_out():
 
 def test_custom_prompt_prepend_append_and_name():
     config = build_config(base(modes=[
-        {"name": "custom", "prompt": "Describe the {colour} object.", "prepend": "ohwx, ", "append": " END"},
+        {"name": "custom", "prompt": "Describe the {{colour}} object.", "prepend": "ohwx, ", "append": " END"},
         {"name": "named", "type": "descriptive", "extra": ["name"], "character_name": "Ava"},
     ]))
     custom, named = config.resolved_modes()
-    assert custom.instructions == ("Describe the {colour} object.",)
+    assert custom.instructions == ("Describe the {{colour}} object.",)  # a template: braces doubled (fields.py)
+    assert custom.instruction_for_row(0, "k.jpg", None) == ("Describe the {colour} object.", [])
     assert (custom.prepend, custom.append) == ("ohwx, ", " END")
     assert named.instructions[0].endswith("you must refer to them as Ava.")
 

@@ -308,7 +308,7 @@ def test_the_table_without_reading_or_without_a_count():
 # The keys `plan --json` prints, in order (README: `pipeline plan`): scripts read them.
 PLAN_KEYS = ["input", "format", "layout", "shards", "shard_size", "unsized_shards", "images", "images_estimated",
              "bytes", "bytes_estimated", "extensions", "read", "broken", "broken_share", "broken_estimated",
-             "broken_range", "estimate", "seconds"]
+             "broken_range", "duplicates", "duplicate_share", "estimate", "seconds"]
 READ_KEYS = ["everything", "sample", "images", "broken", "reasons", "examples", "formats", "file_bytes", "pixels"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -61,3 +62,25 @@ def test_manifest_order_and_mode_checks(fake_output: FakeOutput) -> None:
 def test_a_folder_without_manifest_is_not_an_output(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a pipeline output"):
         open_output(str(tmp_path))
+
+
+def test_readers_go_by_the_part_each_marker_names_and_skip_markers_of_another_config(
+        fake_output: FakeOutput) -> None:
+    """A shard redone by --retry-errors has its part under its run's name, with the old part possibly still
+    beside it (a kill before its removal); a marker a run of another config wrote late does not count."""
+    import shutil
+
+    from pipeline.table.ledger import Ledger
+
+    out, run = str(fake_output.output), "c" * 32
+    ledger = Ledger(out)
+    redone = part_name("000001", run)
+    shutil.copy(part_path(out, "000001"), part_path(out, "000001", redone))
+    ledger.write_marker(dataclasses.replace(ledger.marker("000001"), part=redone, holder=run))
+    shutil.copy(part_path(out, "000000"), part_path(out, "000004"))
+    ledger.write_marker(dataclasses.replace(ledger.marker("000000"), shard="000004", fingerprint="another"))
+    files = committed_files(out)
+    assert [Path(f).name for f in files] == [part_name("000000"), redone]
+    output = open_output(out)
+    assert output.shards == ("000000", "000001")
+    assert sorted(row["key"] for row in iter_rows(output, ["key"])) == sorted(fake_output.rows)

@@ -148,3 +148,26 @@ def test_object_stores_get_one_whole_upload(s3_bucket: str, s3_fs) -> None:
     assert s3_fs.cat_file(f"{s3_bucket}/out/b.json") == b"from a writer"
     assert sorted(s3_fs.ls(f"{s3_bucket}/out", detail=False)) == [f"{s3_bucket}/out/a.json",
                                                                   f"{s3_bucket}/out/b.json"]
+
+
+def test_s3_listings_and_removals_see_what_other_processes_wrote(s3_server: str, s3_bucket: str) -> None:
+    """s3fs caches a listing per process and sees only its own writes; markers, plan and staging are written by
+    other processes (Ray workers, commit tasks, another run), so `list_names` and `remove_tree` bypass it."""
+    import s3fs
+
+    from pipeline.io.fs import list_names, remove_tree
+
+    fs, root = open_fs(f"s3://{s3_bucket}/out")
+    other = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing", skip_instance_cache=True)
+    other.pipe_file(f"{root}/_markers/000001.json", b"{}")
+    assert list_names(fs, f"{root}/_markers") == ["000001.json"]  # now in this process's listing cache
+    other.pipe_file(f"{root}/_markers/000002.json", b"{}")
+    assert list_names(fs, f"{root}/_markers", refresh=False) == ["000001.json"]  # what a cached listing misses
+    assert list_names(fs, f"{root}/_markers") == ["000001.json", "000002.json"]
+    other.pipe_file(f"{root}/_staging/000003/{'a' * 32}/x.parquet", b"late")
+    fs.ls(f"{root}/_staging/000003", refresh=True)
+    other.pipe_file(f"{root}/_staging/000003/{'b' * 32}/y.parquet", b"later")
+    remove_tree(fs, f"{root}/_staging/000003")
+    other.invalidate_cache()
+    assert not other.find(f"{root}/_staging")
+    remove_tree(fs, f"{root}/_staging/000003")  # nothing there: no error

@@ -86,3 +86,33 @@ def test_unit_set_membership_and_difference():
     assert len(old) == 3 and unit_hash("a") in old and unit_hash("d") not in old
     assert old.missing_from(new) == 1 and new.missing_from(old) == 1
     assert unit_hash("x") not in UnitSet(array("Q"))
+
+
+def test_a_marker_of_another_fingerprint_is_not_done(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A run that lost the output to this config's run wrote a marker late: its shard is redone. Markers written
+    before markers named their holder stay valid when their fingerprint matches."""
+    from pipeline.table.names import part_name, part_path
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _images(folder, [f"{i}.jpg" for i in range(6)])
+    config, ledger = _config(folder, out), Ledger(str(out))
+    prepare_output(ledger, config, {"fingerprint": config.fingerprint()})
+    (out / "data").mkdir()
+    for shard in ("000000", "000001", "000002", "000009"):
+        Path(part_path(str(out), shard)).write_bytes(b"rows")
+    Path(part_path(str(out), "000002", part_name("000002", "e" * 32))).write_bytes(b"rows of a redone pair")
+    ledger.write_marker(Marker.of("000000", {"rows": 2, "fingerprint": config.fingerprint()}))  # an old marker
+    ledger.write_marker(Marker.of("000001", {"rows": 2, "fingerprint": "another", "holder": "f" * 32}))
+    ledger.write_marker(Marker.of("000002", {"rows": 2, "fingerprint": config.fingerprint(), "holder": "e" * 32,
+                                             "part": part_name("000002", "e" * 32)}))
+    ledger.write_marker(Marker.of("000009", {"rows": 2, "fingerprint": "another"}))  # a shard this plan lacks
+    with caplog.at_level(logging.INFO):
+        work = prepare_output(ledger, config, {})
+    assert work.pending == ["000001"]
+    assert "2 shards have markers written under another config (fingerprint another" in caplog.text
+    assert [r.levelname for r in caplog.records if "under another config" in r.getMessage()] == ["WARNING"]
+    assert "shard 000001: its marker was written under config fingerprint another" in caplog.text  # the log's detail
+    assert ledger.committed_ids() == {"000000", "000001", "000002"}  # 000009's pair is gone; 000001's stays ...
+    assert sorted(p.name for p in (out / "data").iterdir()) == [  # ... till its commit replaces it; 000002's old
+        part_name("000000"), part_name("000001"), part_name("000002", "e" * 32)]  # part (named by none) is gone
+    assert [m.shard for m in ledger.markers(config.fingerprint())] == ["000000", "000002"]  # ... and is not done

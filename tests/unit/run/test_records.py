@@ -18,7 +18,7 @@ from pipeline.table.records import Marker, ModeReport
 
 # The keys `run --json` prints and the manifest's `last_summary` holds, in order: scripts read them.
 SUMMARY_KEYS = ["output", "shards", "shards_committed_this_run", "images", "ok", "errors", "error_reasons", "modes",
-                "seconds", "fingerprint", "commits"]
+                "seconds", "fingerprint", "commits", "duplicates", "engines"]
 COMMITS_KEYS = ["per_s", "latency_p50_s", "latency_p99_s", "driver_loop_cpu_ms_per_1000_images",
                 "commit_cpu_ms_per_1000_images", "where"]
 

@@ -310,3 +310,45 @@ def test_conditional_writes_are_enforced(output: str) -> None:
     assert backend.delete_if(first) is False and backend.read()[0] == b'{"a": 3}'
     assert backend.delete_if(second) is True and backend.read() is None
     assert backend.replace_if(second, b'{"a": 5}') is None and backend.read() is None
+
+
+def test_the_fence_refuses_once_the_last_renewal_is_too_old(output: str) -> None:
+    """The fence (DESIGN invariant 12) goes by the local clock: valid while now + margin < renewal start + ttl."""
+    monotonic = FakeClock(100.0)
+    lease = OutputLease(output, ttl_s=30, monotonic=monotonic)
+    with pytest.raises(LeaseLostError, match="not held"):
+        lease.check()  # nothing to prove before it is acquired
+    lease.acquire()
+    assert lease.margin_s == 10 and lease.valid_for() == 20
+    lease.check()
+    monotonic.advance(19.9)  # a renewal late by a whole heartbeat and more: still provably ours
+    lease.check()
+    monotonic.advance(0.2)  # within the margin of its expiry: a write must not go through
+    with pytest.raises(LeaseLostError, match=r"could not renew its lease .* in time \(last renewed 20 s ago"):
+        lease.check()
+    assert not lease.lost  # not known to be lost: a renewal that succeeds lets writes through again
+    lease.renew()
+    lease.check()
+    lease.release()
+    with pytest.raises(LeaseLostError):
+        lease.check()
+
+
+def test_a_stored_fence_checks_the_holder_and_expiry_in_the_record(output: str) -> None:
+    """The fence a Ray-task commit carries: it reads the record, so it needs nothing of the driver's process."""
+    import pickle
+
+    lease = OutputLease(output, ttl_s=30)
+    lease.acquire()
+    fence = pickle.loads(pickle.dumps(lease.fence()))  # it travels to another process
+    fence.check()
+    forge(output, holder=lease.holder, renewed_at=time.time() - 25, expires_at=time.time() + 5)
+    with pytest.raises(LeaseLostError, match="not renewed in time"):
+        fence.check()  # 5 s left, under the 10 s margin
+    forge(output, expires_at=time.time() + 30)  # another run's
+    with pytest.raises(LeaseLostError, match="was taken over by host other-host"):
+        fence.check()
+    fs, root = open_fs(output)
+    fs.rm_file(lease_path(root))
+    with pytest.raises(LeaseLostError, match="is gone"):
+        fence.check()

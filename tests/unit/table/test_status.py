@@ -65,7 +65,7 @@ def test_counts_rates_and_eta_of_a_live_run(tmp_path: Path) -> None:
     assert report.shard_rate_per_s == pytest.approx(2 / 60, rel=1e-3)  # two intervals in 60 s
     assert report.eta_s == pytest.approx(60.0)  # 2 pending shards at one per 30 s
     text = format_status(report)
-    assert "3 committed, 2 pending, 1 in progress" in text
+    assert "3 committed, 2 pending (1 in progress)" in text
     assert "30 done (27 captioned, 3 errors)" in text
     assert "glitch rate 11.1%" in text and "last write 10 s ago; ETA 1 min 00 s" in text
     assert f"live: host {socket.gethostname()}, pid {os.getpid()}" in text
@@ -75,7 +75,11 @@ def test_recent_writes_without_a_lease_are_not_live(tmp_path: Path) -> None:
     """A run stopped by Ctrl-C released its lease: however recent its last write, it is not live."""
     report = status(build(tmp_path, staging_mtime=T0), now=T0 + 1000)
     assert not report.live and report.last_activity_at == T0 + 960 and report.eta_s is None
-    assert "idle, last write 40 s ago" in format_status(report)
+    text = format_status(report)
+    assert "idle, last write 40 s ago" in text
+    # Nothing is in progress without a live lease: the staged shard is what the stopped run left.
+    assert "in progress" not in text
+    assert "3 committed, 2 pending; 1 with fragments left by an interrupted run (cleared at the next run)" in text
 
 
 def test_the_lease_of_a_killed_run_is_not_live(tmp_path: Path) -> None:
@@ -136,7 +140,7 @@ def test_cli_status_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 STATUS_KEYS = ["output", "fingerprint", "model", "created_at", "plan_complete", "images_known", "shards_planned",
                "shards_committed", "shards_pending", "shards_staging", "images_done", "ok", "errors", "error_share",
                "error_reasons", "modes", "throughput_images_per_s", "last_commit_at", "last_activity_at", "live",
-               "lease", "shard_rate_per_s", "eta_s", "checked_at"]
+               "lease", "shard_rate_per_s", "eta_s", "checked_at", "engines_last_run"]
 
 
 def test_the_report_has_the_json_keys_and_reads_back_from_them(tmp_path: Path) -> None:
@@ -157,3 +161,15 @@ def test_status_on_s3(tmp_path: Path, s3_bucket: str, s3_fs) -> None:
     assert report.output == f"s3://{s3_bucket}/run"
     assert not report.live  # no run holds the lease
     assert report.last_activity_at == pytest.approx(time.time(), abs=60)  # the staging object's LastModified
+
+
+def test_fragments_in_a_runs_folder_count_and_a_marker_of_another_config_does_not(tmp_path: Path) -> None:
+    root = build(tmp_path, staging_mtime=T0 + 970)
+    fragment = Path(staging_dir(root, "000004", "a" * 32)) / "def.parquet"  # how runs stage fragments now
+    fragment.parent.mkdir(parents=True)
+    fragment.write_bytes(b"PAR1")
+    os.utime(fragment, (T0 + 990, T0 + 990))
+    Ledger(root).write_marker(Marker.of("000004", {**_marker(T0 + 980), "fingerprint": "another config's"}))
+    report = status(root, now=T0 + 1000)
+    assert report.shards_staging == ["000003", "000004"] and report.last_activity_at == T0 + 990
+    assert (report.shards_committed, report.shards_pending, report.images_done) == (3, 2, 30)

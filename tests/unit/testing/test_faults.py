@@ -3,6 +3,7 @@ replacement runs clean, and every hook survives pickling (it travels to actors a
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -71,3 +72,30 @@ def test_a_pause_holds_at_its_moment_only(monkeypatch: pytest.MonkeyPatch):
 def test_a_malformed_pause_is_refused(text: str):
     with pytest.raises(ValueError, match="pause"):
         PauseAt.parse(text)
+
+
+def test_an_engine_delay_slows_the_start_and_the_first_step_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from pipeline.testing import faults as module
+    from pipeline.testing.faults import EngineDelay
+
+    slept: list[float] = []
+    monkeypatch.setattr(module.time, "sleep", slept.append)
+    delay = EngineDelay.parse("start:8, first_step:5")
+    assert (delay.start_s, delay.first_step_s) == (8.0, 5.0)
+    engine = dataclasses.replace(delay, then=EngineFaults(f"raise@3:{tmp_path / 'fired'}")).wrap(ScriptedEngine())
+    assert slept == [8.0]  # the engine counts as built 8 s later
+    engine.add_request("0", "steps:5", SamplingParams(max_tokens=4))
+    engine.step()
+    engine.step()
+    assert [seconds for seconds in slept if seconds >= 1] == [8.0, 5.0]  # the first step only
+    with pytest.raises(InjectedEngineFaultError):  # the fault still applies after the delays
+        engine.step()
+    assert pickle.loads(pickle.dumps(delay)) == delay  # it travels to the actors
+
+
+@pytest.mark.parametrize("text", ["start", "start:x", "begin:3", "start:-1", "first_step:"])
+def test_a_malformed_engine_delay_is_refused(text: str):
+    from pipeline.testing.faults import EngineDelay
+
+    with pytest.raises(ValueError, match="start:SECONDS"):
+        EngineDelay.parse(text)

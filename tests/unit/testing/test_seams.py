@@ -29,6 +29,9 @@ def test_the_launcher_takes_its_hook_flags_and_leaves_the_pipelines_arguments():
     assert hooks.engine is not None and hooks.engine.spec == "raise@2"
     assert hooks.pause is not None and (hooks.pause.moment, hooks.pause.seconds) == ("after_part_file", 3.0)
     assert split_hooks(["status", "out"])[0] == RunHooks()
+    delayed, rest = split_hooks(["--engine-delay", "start:8", "--engine-fault", "raise@2", "run", "c.yaml"])
+    assert rest == ["run", "c.yaml"] and delayed.engine is not None and delayed.engine.start_s == 8.0
+    assert delayed.engine.then.spec == "raise@2"  # the fault applies after the delay
 
 
 def test_the_launcher_refuses_a_bad_fault_in_words(capsys: pytest.CaptureFixture[str]):
