@@ -385,14 +385,6 @@ class RemoteCaptionActor(CaptionActor):
         log.info("OpenAI-compatible server at %s ready in %.1fs (model %s); %d requests in flight at most",
                  self.loop.base_url, time.monotonic() - started, self.model_name, self.gate.target)
 
-    def shutdown(self) -> None:
-        gauges = getattr(self, "gauges", None)
-        if gauges is not None:
-            gauges.stop()
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            loop.shutdown()
-
     def request(self, key: str, image: Any, mode: ResolvedMode, attempt: int = 0,
                 instruction: str | None = None) -> tuple[dict[str, Any], Any]:
         """The chat completion body for one (image, mode, attempt); `image` is the image's data URI."""
