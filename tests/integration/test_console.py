@@ -175,9 +175,9 @@ def _seconds(text: str) -> int:
     return sum(int(number) * units[unit] for number, unit in re.findall(r"(\d+) (h|min|s)\b", text.split(";")[0]))
 
 
-# In the slow tier until it passes: on 2026-12-06 it failed here twice on a loaded machine (no `images N` progress
-# line before the run ended); see the closing note of that session.
-@pytest.mark.slow
+# Quick tier. Its two failures on 2026-12-06 were the console's, both fixed: the driver saw each batch one batch
+# late (Ray Data's iter_rows prefetch), so a short run's first captions came at its end; and a loading time past
+# a minute ("1 min 05 s") was not parsed here.
 def test_a_slow_engine_start_is_shown_then_the_progress_and_no_process_outlives_the_run(tmp_path: Path,
                                                                                       tiny_model: Path,
                                                                                       samples: Path):
