@@ -52,7 +52,8 @@ class EngineState:
     started: float  # when this incarnation's constructor began (the engine's load time is since - started)
     updated: float = 0.0  # when it last reported (a batch in or out, a change of state)
     pid: int = 0
-    node: str = ""
+    node: str = ""  # the host's name (the same for every node of a one-machine cluster)
+    node_id: str = ""  # Ray's node id (hex): which node the driver's node watch (run/nodes.py) counts it on
     batches: int = 0  # batches in the actor now (taken from Ray Data, not yet handed back)
     batch_since: float | None = None  # when the oldest of them came in; None when it holds none
     done: int = 0  # batches it handed back
@@ -96,11 +97,13 @@ class EngineReporter:
         self._clock = clock
         self._lock = threading.Lock()
         self._key = key if key is not None else _own_key()
+        node_id = _own_node_id() if key is None else ""  # a test's reporter (a key given) stays off Ray
         self._put, self._delete = put or _kv_put, delete or _kv_del
         self._batch_starts: list[float] = []
         now = clock()
         self.current = EngineState(actor=(self._key or "").rsplit("/", 1)[-1], state=STARTING, since=now,
-                                   started=now, pid=os.getpid(), node=socket.gethostname())
+                                   started=now, pid=os.getpid(), node=socket.gethostname(),
+                                   node_id=node_id)
 
     def starting(self) -> None:
         self._report(state=STARTING)
@@ -165,6 +168,16 @@ def _own_key() -> str | None:
         return _job_prefix(context.get_job_id()) + actor if actor else None
     except Exception:
         return None
+
+
+def _own_node_id() -> str:
+    """Ray's id of the node this process runs on, or "" outside Ray."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
+    except Exception:
+        return ""
 
 
 def _kv_put(key: str, value: bytes) -> None:

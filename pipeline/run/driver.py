@@ -30,6 +30,7 @@ from pipeline.run import ray_session
 from pipeline.run.commit import Committer
 from pipeline.run.engines import EngineWatch
 from pipeline.run.hooks import NO_HOOKS, RunHooks
+from pipeline.run.nodes import NodeWatch
 from pipeline.run.placement import EnginePlan, PlacementWatch, cluster_nodes, plan_engines
 from pipeline.run.planning import prepare_output
 from pipeline.run.progress import Progress
@@ -143,6 +144,7 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
         items, loop_cpu_s = work.items(), 0.0
         duplicates: dict[str, int] = {}
         engines: set[str] = set()  # the caption actors that returned batches, over every pass
+        nodes = NodeWatch()  # says a node lost or joining on the console (run/nodes.py), across passes
         with contextlib.ExitStack() as stack:
             stack.callback(committer.close)  # commits in flight finish (or are cancelled) on every exit path
             if display and items:
@@ -156,12 +158,13 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
                     break
                 if attempt > 1:
                     log.warning("pass %d: redoing %d shards that did not commit", attempt, len(items))
-                loop_cpu_s += _run_pass(config, items, committer, captioner, hooks, worker_setup, engines)
+                loop_cpu_s += _run_pass(config, items, committer, captioner, hooks, worker_setup, engines, nodes)
                 redo = set(committer.take_unfinished())
                 items = [item for item in items if item.shard in redo]
         if items:
             raise RuntimeError(f"{len(items)} shards did not commit after {MAX_PASSES} passes (e.g. "
                                f"{items[0].shard}); see the log, then re-run to finish them")
+        _say_nodes_lost(nodes)
         lease.check()
         summary = summarise(ledger, config, time.monotonic() - started, committer, loop_cpu_s,
                             fingerprint=metadata.fingerprint)
@@ -180,11 +183,21 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
             ray_session.end()  # the caption actors and their engines, and a local Ray's every process
 
 
+def _say_nodes_lost(nodes: NodeWatch) -> None:
+    """One line before the summary when nodes were lost mid-run (each was said when it happened)."""
+    if nodes.lost:
+        names = ", ".join(node.name() for node in nodes.lost)
+        log.warning("%d node%s lost during the run (%s): %s work in flight was redone",
+                    len(nodes.lost), "" if len(nodes.lost) == 1 else "s", names,
+                    "its" if len(nodes.lost) == 1 else "their")
+
+
 def _run_pass(config: RunConfig, items: list[WorkItem], committer: Committer, captioner: type,
-              hooks: RunHooks, worker_setup: Callable[[], None] | None, engines: set[str] | None = None) -> float:
+              hooks: RunHooks, worker_setup: Callable[[], None] | None, engines: set[str] | None = None,
+              nodes: NodeWatch | None = None) -> float:
     """One Ray Data execution over `items`: read, caption, write fragments, commit as shards complete.
     Returns the CPU seconds the driver's own loop spent (bookkeeping, and reading the write reports);
-    adds the caption actors that captioned to `engines`."""
+    adds the caption actors that captioned to `engines`; `nodes` watches the cluster's nodes meanwhile."""
     import ray
 
     _init_ray(config, worker_setup)
@@ -219,6 +232,7 @@ def _run_pass(config: RunConfig, items: list[WorkItem], committer: Committer, ca
                            progressed=lambda: committer.progress.captioned).start()
     # What the engines report of themselves (starting, ready, busy), for the console (run/engines.py).
     engine_watch = EngineWatch(committer.progress, expected=plan.fewest).start()
+    node_watch = (nodes or NodeWatch()).start()  # a node lost or joining, in one line (run/nodes.py)
     try:
         for row in _rows_as_they_come(ds):
             report = WriteReport.from_row(row)
@@ -229,6 +243,7 @@ def _run_pass(config: RunConfig, items: list[WorkItem], committer: Committer, ca
     finally:
         watch.stop()
         engine_watch.stop()
+        node_watch.stop()
     committer.drain()
     return time.thread_time() - mark
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 
 from pipeline.table.names import DATA, MARKERS
 from pipeline.testing.samples import SAMPLES
-from tests.integration.cluster import AUTH_VARIABLES, RayCluster
+from tests.integration.cluster import AUTH_VARIABLES, Node, RayCluster
 from tests.integration.conftest import REPO, cli_command, run_cli, write_config
 
 pytestmark = pytest.mark.integration
@@ -101,6 +103,68 @@ def test_a_killed_caption_actor_is_replaced_and_every_image_lands_once(tmp_path:
     table = pd.read_parquet(out / DATA)
     assert sorted(table.key) == sorted(relative for relative, _ in SAMPLES.values())
     assert (table.status == "ok").all()
+
+
+def _caption_actors_on(cluster: RayCluster, node: Node) -> list[psutil.Process]:
+    found = []
+    for process in cluster.processes(node):
+        with contextlib.suppress(psutil.Error):
+            if "CaptionActor" in " ".join(process.cmdline()):
+                found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_a_lost_node_costs_only_its_work_in_flight_and_the_console_names_it(tmp_path: Path, tiny_model: Path,
+                                                                             samples: Path):
+    """The worker node holding the caption actor is killed mid-run (as a spot preemption ends a machine) and a
+    replacement joins: the run finishes, every image lands exactly once, and the console and the log say which
+    node was lost, that its engine is being replaced and its work redone, and that the replacement joined."""
+    out, console_out, console_err = tmp_path / "out", tmp_path / "console.out", tmp_path / "console.err"
+    with RayCluster(head_cpus=1) as cluster:  # the head: the driver and the read and write tasks
+        spot = cluster.add_worker(num_cpus=2, resources={"spot": 1})  # the only node an engine of 2 CPUs fits
+        cluster.wait_for_node(spot, "ALIVE")
+        # The driver joins the cluster as a user on the head runs it (Ray connects it to the head's raylet);
+        # with an explicit address Ray sends the token only with RAY_AUTH_MODE=token.
+        config = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(out),
+                              input={"uri": str(samples), "shard_size": 2},
+                              compute={"ray_address": cluster.gcs_address, "batch_size": 2, "cpus_per_actor": 2})
+        with console_out.open("w") as stdout, console_err.open("w") as stderr:
+            process = subprocess.Popen(cli_command("run", str(config)), cwd=REPO, env=cluster.ray_cli_env,
+                                       stdout=stdout, stderr=stderr, text=True)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and process.poll() is None:
+                markers = list((out / MARKERS).glob("*.json")) if (out / MARKERS).exists() else []
+                if markers and _caption_actors_on(cluster, spot):  # captioning is under way on the spot node
+                    break
+                time.sleep(0.5)
+            assert process.poll() is None, f"the run ended before the node could be killed: {console_err.read_text()}"
+            committed_before = len(list((out / MARKERS).glob("*.json")))
+            assert committed_before < len(SAMPLES) // 2, "nothing was left to caption when the node was killed"
+            cluster.kill_node(spot)
+            cluster.wait_for_node(spot, "DEAD")
+            replacement = cluster.add_worker(num_cpus=2, resources={"spot": 1})
+            process.wait(timeout=900)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        console = console_out.read_text() + console_err.read_text()
+        assert process.returncode == 0, console[-4000:]
+    table = pd.read_parquet(out / DATA)
+    assert table.key.is_unique  # exactly once: no image twice, though a batch was redone...
+    assert sorted(table.key) == sorted(relative for relative, _ in SAMPLES.values())  # ...and none missing
+    assert (table.status == "ok").all()
+    assert len(list((out / MARKERS).glob("*.json"))) == len(SAMPLES) // 2
+    # The node's address is the one Ray sees (not always 127.0.0.1 on a loopback cluster); its id is the raylet's.
+    lost = re.compile(rf"node \S+ \(id {spot.node_id[:8]}\) lost: 1 caption engine on it is being replaced, its \d+ "
+                      r"batch(es)? in flight (is|are) redone")
+    assert lost.search(console), console[-4000:]
+    assert re.search(rf"node \S+ \(id {replacement.node_id[:8]}\) joined \(2 CPUs\)", console), console[-4000:]
+    [log_line] = [line for line in console.splitlines() if line.startswith("log: ")]
+    assert lost.search(Path(log_line.removeprefix("log: ").strip()).read_text())
+    print(next(line for line in console.splitlines() if lost.search(line)))  # for the record (pytest -s)
 
 
 def test_an_engine_that_cannot_start_fails_the_run_fast_with_its_error(tmp_path: Path, samples: Path):
