@@ -9,6 +9,8 @@ and handed to `pipeline.cli.main.main`; the `pipeline` command itself has no way
   --pause MOMENT:SECONDS  hold each commit that reaches MOMENT (after_part_file, after_marker) for SECONDS
   --engine-delay SPEC     start:SECONDS,first_step:SECONDS: each actor's engine starts that much later and its
                           first step waits that long (with --engine-fault too, the fault applies after)
+  --hold-text-stage SPEC  AFTER:SECONDS:FLAG_FILE: an actor's engine, at its text-only request AFTER + 1 (a
+                          chained mode's later stage), writes FLAG_FILE and holds SECONDS
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TypeVar
 
 from pipeline.cli.main import main
 from pipeline.run.hooks import RunHooks
-from pipeline.testing.faults import EngineDelay, EngineFaults, PauseAt
+from pipeline.testing.faults import EngineDelay, EngineFaults, HoldTextStage, PauseAt
 
 T = TypeVar("T")
 
@@ -45,10 +47,13 @@ def split_hooks(argv: Sequence[str]) -> tuple[RunHooks, list[str]]:
     parser.add_argument("--engine-fault", type=_flag_value(EngineFaults))
     parser.add_argument("--pause", type=_flag_value(PauseAt.parse))
     parser.add_argument("--engine-delay", type=_flag_value(EngineDelay.parse))
+    parser.add_argument("--hold-text-stage", type=_flag_value(HoldTextStage.parse))
     flags, rest = parser.parse_known_args(argv)
     engine = flags.engine_fault
     if flags.engine_delay is not None:
         engine = dataclasses.replace(flags.engine_delay, then=flags.engine_fault)
+    if flags.hold_text_stage is not None:
+        engine = dataclasses.replace(flags.hold_text_stage, then=engine)
     return RunHooks(engine=engine, pause=flags.pause), rest
 
 

@@ -8,6 +8,9 @@ A field is `{NAME}`, `{NAME?}` or `{NAME|default text}`; `{{` and `}}` are liter
 - `sidecar`: the image's `.txt` sidecar or member (`meta.txt`), else its `.json` as compact JSON
 - `tags`: a `tags` value of the meta, its `.json` or its columns (a list joined with `, `)
 - `folder`: the image's parent folder name, from its key (empty at the top level)
+- `mode.NAME`: the caption of mode NAME of the same image, made earlier in the run (a chained mode: NAME must be
+  in the mode's `requires`, captioning/modes.py). In a mode that requires NAME, a bare `{NAME}` means the same
+  (and shadows a built-in field of that name: a mode requiring `tags` reads the `tags` mode with `{tags}`)
 
 Missing values (absent, null or blank): `{NAME?}` drops the whole sentence holding it (a sentence ends at `.`,
 `!` or `?` followed by a space, or at a line break, in the template's own text), `{NAME|text}` puts `text`
@@ -28,7 +31,8 @@ from functools import lru_cache
 from typing import Any
 
 MAX_VALUE_CHARS = 1000
-NAME = re.compile(r"(meta|column)\.[^{}|?.\s][^{}|?]*|sidecar|tags|folder")
+NAME = re.compile(r"(meta|column)\.[^{}|?.\s][^{}|?]*|mode\.[a-z][a-z0-9_]*|sidecar|tags|folder")
+MODE_PREFIX = "mode."
 SENTENCE_END = re.compile(r"(?<=[.!?])[ \t]+|\n")
 
 
@@ -43,8 +47,9 @@ Token = str | Field
 
 
 @lru_cache(maxsize=256)
-def parse(template: str) -> tuple[Token, ...]:
-    """The template as literal text and fields; ValueError naming the bad place for anything else in braces."""
+def parse(template: str, chained: frozenset[str] = frozenset()) -> tuple[Token, ...]:
+    """The template as literal text and fields; ValueError naming the bad place for anything else in braces.
+    `chained`: the mode names a bare `{NAME}` may name (the mode's `requires`), parsed as `mode.NAME`."""
     tokens: list[Token] = []
     text: list[str] = []
     at = 0
@@ -65,22 +70,44 @@ def parse(template: str) -> tuple[Token, ...]:
             raise ValueError(f"'{{' at character {at} of the prompt is not closed (write '{{{{' for a brace)")
         tokens.append("".join(text))
         text = []
-        tokens.append(_field(template[at + 1:end], at))
+        tokens.append(_field(template[at + 1:end], at, chained))
         at = end + 1
     tokens.append("".join(text))
     return tuple(token for token in tokens if token != "")
 
 
-def _field(body: str, at: int) -> Field:
+def _field(body: str, at: int, chained: frozenset[str] = frozenset()) -> Field:
     name, bar, default = body.partition("|")
     optional = not bar and name.endswith("?")
     name = name[:-1] if optional else name
     name = name.strip()
+    if name in chained:  # a required mode's caption, before any built-in field of the same name
+        name = MODE_PREFIX + name
     if "{" in body or not NAME.fullmatch(name):
         raise ValueError(f"unknown template field {{{body}}} at character {at} of the prompt; fields are "
-                         "{meta.KEY}, {column.NAME}, {sidecar}, {tags} and {folder}, each optionally "
-                         "{NAME?} or {NAME|default} (write '{{' and '}}' for literal braces)")
+                         "{meta.KEY}, {column.NAME}, {sidecar}, {tags}, {folder} and {mode.NAME} (a mode this "
+                         "one `requires`), each optionally {NAME?} or {NAME|default} (write '{{' and '}}' for "
+                         "literal braces)")
     return Field(name, optional, default if bar else None)
+
+
+def modes_used(template: str, chained: frozenset[str] = frozenset()) -> list[str]:
+    """The mode names the template reads (`{mode.NAME}`, or a bare required name), in order of appearance."""
+    return [token.name[len(MODE_PREFIX):] for token in parse(template, chained)
+            if isinstance(token, Field) and token.name.startswith(MODE_PREFIX)]
+
+
+def normalise(template: str, chained: frozenset[str]) -> str:
+    """The template with each bare required-mode field spelled `{mode.NAME}`: one spelling for the run (the
+    engine fills it without knowing `requires`, and the fingerprint does not change with the spelling)."""
+    pieces = []
+    for token in parse(template, chained):
+        if isinstance(token, str):
+            pieces.append(literal(token))
+            continue
+        suffix = "?" if token.optional else f"|{token.default}" if token.default is not None else ""
+        pieces.append("{" + token.name + suffix + "}")
+    return "".join(pieces)
 
 
 def has_fields(template: str) -> bool:
@@ -134,8 +161,11 @@ def _path(value: Any, parts: list[str]) -> Any:
     return None
 
 
-def value_of(name: str, key: str, meta: Mapping[str, Any]) -> str | None:
-    """The field's text for one row, or None when the row has no value for it."""
+def value_of(name: str, key: str, meta: Mapping[str, Any], earlier: Mapping[str, str] | None = None) -> str | None:
+    """The field's text for one row, or None when the row has no value for it. `earlier`: this image's captions
+    of the modes run before this one (chained modes), by mode name."""
+    if name.startswith(MODE_PREFIX):  # whole: a caption is bounded by its mode's max_tokens, not MAX_VALUE_CHARS
+        return ((earlier or {}).get(name[len(MODE_PREFIX):]) or "").strip() or None
     if name == "folder":
         return posixpath.basename(posixpath.dirname(key.replace("\\", "/"))) or None
     if name == "sidecar":
@@ -152,8 +182,10 @@ def value_of(name: str, key: str, meta: Mapping[str, Any]) -> str | None:
     return _text(_path(meta, rest.split(".")))
 
 
-def fill(template: str, key: str, meta: str | Mapping[str, Any] | None) -> tuple[str, list[str]]:
-    """The instruction for one row and the names of the plain fields it had no value for (filled empty)."""
+def fill(template: str, key: str, meta: str | Mapping[str, Any] | None,
+         earlier: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
+    """The instruction for one row and the names of the plain fields it had no value for (filled empty).
+    `earlier`: the row's captions of the modes this one requires (`{mode.NAME}`)."""
     tokens = parse(template)
     if not any(isinstance(token, Field) for token in tokens):
         return "".join(token for token in tokens if isinstance(token, str)), []
@@ -163,7 +195,7 @@ def fill(template: str, key: str, meta: str | Mapping[str, Any] | None) -> tuple
     dropped = [False]
     for token in tokens:
         if isinstance(token, Field):
-            value = value_of(token.name, key, row)
+            value = value_of(token.name, key, row, earlier)
             if value is None:
                 if token.optional:
                     dropped[-1] = True

@@ -237,18 +237,19 @@ def caption_prompt(caption_type: str, length: Length = "any", extras: tuple[str,
             .replace("{name}", name or "{name}"))
 
 
-def chat_string(system_prompt: str, user_prompt: str) -> str:
+def chat_string(system_prompt: str, user_prompt: str, image: bool = True) -> str:
     """Llama 3.1 chat format with the image placeholder before the instruction.
 
     Written out rather than taken from a tokenizer's chat template: templates and tokenizers that
     each add `<|begin_of_text|>` give two of them, which degrades JoyCaption's output. Putting the
     image first means every mode of one image shares the system prompt and the 729 image tokens as
-    a common prefix, which vLLM's prefix cache reuses.
+    a common prefix, which vLLM's prefix cache reuses. `image=False`: a text-only turn (a chained mode that
+    rewrites another mode's caption), without the placeholder.
     """
     return (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
         f"{system_prompt.strip()}<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n"
-        f"{IMAGE_PLACEHOLDER}{user_prompt.strip()}<|eot_id|>"
+        f"{IMAGE_PLACEHOLDER if image else ''}{user_prompt.strip()}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )

@@ -103,6 +103,16 @@ class ModeConfig(Strict):
     cleanup: CleanupConfig = Field(
         default_factory=CleanupConfig,
         description="Clean-up of this mode's captions (off by default); the model's text stays in `<name>_raw`.")
+    requires: tuple[str, ...] = Field(
+        (), description="Modes whose captions this one's prompt uses (`{mode.NAME}` or `{NAME}`): they run first, "
+                        "on the same image, and their text (cleaned, without prepend/append) fills the field.")
+    image: bool = Field(True, description="false: a text-only mode (no image in the request), e.g. a rewrite of "
+                                          "a required mode's caption; needs a free-text `prompt` or `prompts`.")
+    engine: str | None = Field(None, description="A name under the run's `engines:` (an OpenAI-compatible "
+                                                 "server, e.g. one serving a text LLM for rewrites): this mode's "
+                                                 "requests go there instead of to the run's engine.")
+    system_prompt: str | None = Field(None, min_length=1, description="This mode's system message instead of "
+                                                                     "`defaults.system_prompt`.")
 
     @field_validator("name")
     @classmethod
@@ -126,18 +136,36 @@ class ModeConfig(Strict):
                              f"not {', '.join(wrong)}")
         return cleanup
 
+    @field_validator("requires")
+    @classmethod
+    def _required_names(cls, requires: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("name") in requires:
+            raise ValueError(f"mode {info.data.get('name')!r} cannot require itself")
+        repeated = sorted({name for name in requires if requires.count(name) > 1})
+        if repeated:
+            raise ValueError(f"repeated in `requires`: {repeated}")
+        return requires
+
     @model_validator(mode="after")
     def _recipe_is_valid(self) -> ModeConfig:
         sources = [self.type is not None, self.prompt is not None, self.prompts is not None]
         if sum(sources) != 1:
             raise ValueError(f"mode {self.name!r}: give exactly one of `type`, `prompt` or `prompts`")
+        if not self.image and any(recipe.type is not None for recipe in self.recipes()):
+            raise ValueError(f"mode {self.name!r}, key image: a text-only mode (`image: false`) needs a free-text "
+                             "`prompt` or `prompts`; caption types ask about an image")
+        chained = frozenset(self.requires)
         for index, recipe in enumerate(self.recipes()):
             if recipe.prompt is not None:
+                where = "prompt" if self.prompts is None else f"prompts.{index}.prompt"
                 try:
-                    fields.parse(recipe.prompt)
+                    used = fields.modes_used(recipe.prompt, chained)
                 except ValueError as err:
-                    where = "prompt" if self.prompts is None else f"prompts.{index}.prompt"
                     raise ValueError(f"mode {self.name!r}, key {where}: {err}") from None
+                unrequired = sorted(set(used) - chained)
+                if unrequired:
+                    raise ValueError(f"mode {self.name!r}, key {where}: uses the caption of {unrequired} without "
+                                     f"requiring it; add `requires: {unrequired}`")
             if recipe.type is not None:
                 try:
                     prompts.caption_prompt(recipe.type, recipe.length, recipe.extra, self.character_name)

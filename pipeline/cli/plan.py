@@ -21,7 +21,14 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from pipeline.cli.plan_report import PlanReport, PlanSeconds, ReadSummary, format_plan
-from pipeline.run.estimate import DEFAULT_SAMPLE, assumed_gpus, estimate, output_budget, share_interval
+from pipeline.run.estimate import (
+    DEFAULT_SAMPLE,
+    assumed_gpus,
+    config_assumptions,
+    estimate,
+    output_budget,
+    share_interval,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -65,7 +72,9 @@ def report(config: RunConfig, layout: Layout, found: Survey, rate: float | None,
         to_caption -= duplicates or 0
     guess = None if to_caption is None else estimate(
         to_caption, output_budget(config), rate, gpus or assumed_gpus(config),
-        fixed_length=config.defaults.fixed_length, max_attempts=config.quality.max_attempts)
+        fixed_length=config.defaults.fixed_length, max_attempts=config.quality.max_attempts,
+        notes=config_assumptions(config), stages=1 + max(mode.stage for mode in config.resolved_modes()),
+        engine=config.engine.kind)
     return PlanReport(
         input=config.input.uri, format=layout.format, layout=layout.origin,
         shards=found.listed.shards, shard_size=config.input.shard_size, unsized_shards=found.listed.unsized,

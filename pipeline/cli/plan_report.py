@@ -193,7 +193,8 @@ def _estimate_lines(plan: PlanReport) -> list[str]:
     gpu_time = f"{hours:,.1f} GPU-hours" if hours >= 1 else f"{human_hours(hours)} of GPU time"
     lines = [f"estimate    {guess.images:,} images x {guess.modes} mode{'s' if guess.modes != 1 else ''} = "
              f"{guess.captions:,} captions at {guess.rate:g} images/s per GPU: {gpu_time}, wall "
-             f"{human_hours(guess.wall_hours)} on {gpus} (an estimate)"]
+             f"{human_hours(guess.wall_hours)} on {gpus}{' of the server fleet' if guess.engine == 'openai' else ''}"
+             f"{f' ({guess.stages} chained stages an image)' if guess.stages > 1 else ''} (an estimate)"]
     lines.extend(f"{'assumes' if index == 0 else '':<12}{text}" for index, text in enumerate(guess.assumes))
     return lines
 

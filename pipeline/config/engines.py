@@ -4,6 +4,9 @@
 - `kind: openai`: each caption actor is a client of an OpenAI-compatible server, typically `vllm serve` of
   JoyCaption with `--enable-prefix-caching` (pipeline/engine/remote.py). The actor needs no GPU; the
   server or fleet behind `base_url` does the work.
+
+The run's `engines:` section names more OpenAI-compatible servers (`engines: {rewriter: {kind: openai, ...}}`)
+that single modes send their requests to (`modes[].engine: rewriter`), e.g. a text LLM rewriting a caption.
 """
 
 from __future__ import annotations
@@ -44,3 +47,14 @@ class EngineConfig(Strict):
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"`engine.base_url` must start with http:// or https://, got {self.base_url!r}")
         return self
+
+
+def named_engine_problem(name: str, engine: EngineConfig) -> str | None:
+    """Why `engines.NAME` cannot be used, or None: only servers can be named (a second in-process engine per
+    actor would need a second model's memory on every GPU)."""
+    if engine.kind != "openai":
+        return (f"engines.{name}.kind: a named engine is an OpenAI-compatible server (`kind: openai` with "
+                "`base_url`); the in-process engine is the run's own `engine`")
+    if not engine.model:
+        return f"engines.{name}.model: required, the model the server serves (e.g. the name `vllm serve` was given)"
+    return None

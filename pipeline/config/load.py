@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def _format_errors(err: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{where}: {message}")
+        # A check across items names the exact key itself ("modes.2.requires: ..."): no second, vaguer prefix.
+        named = message.startswith(where + ".") or (not item["loc"] and re.match(r"[a-z_]+\.\S+: ", message))
+        lines.append(message if named else f"{where}: {message}")
     return "invalid config: " + "; ".join(lines)  # one line, like every error the console prints
 
 

@@ -11,13 +11,13 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.captioning.columns import check_mode_columns
-from pipeline.captioning.modes import ResolvedMode, expand_presets, resolve_modes
+from pipeline.captioning.modes import ResolvedMode, chain_stages, expand_presets, resolve_modes
 from pipeline.captioning.specs import Defaults, ModeConfig, QualityConfig, Strict
 from pipeline.config.engine_options import caption_affecting, reserved_key_problems
-from pipeline.config.engines import EngineConfig
+from pipeline.config.engines import EngineConfig, named_engine_problem
 from pipeline.config.limits import LEASE_TTL_S
 from pipeline.config.uris import canonical_uri
 
@@ -181,6 +181,9 @@ class RunConfig(Strict):
     quality: QualityConfig = QualityConfig()
     compute: ComputeConfig = ComputeConfig()
     engine: EngineConfig = EngineConfig()
+    engines: dict[str, EngineConfig] = Field(
+        default_factory=dict, description="More engines by name (OpenAI-compatible servers) that modes may send "
+                                          "their requests to (`modes[].engine`), e.g. a text LLM for rewrites.")
     seed: int = Field(0, description="Run seed; each (image, mode) seed derives from it and the image key.")
 
     @field_validator("modes", mode="before")
@@ -198,7 +201,25 @@ class RunConfig(Strict):
         if duplicates:
             raise ValueError(f"mode names must be unique, repeated: {duplicates}")
         check_mode_columns(names)
+        chain_stages(modes)  # unknown names and cycles in `requires` fail here, naming the key
         return modes
+
+    @field_validator("engines")
+    @classmethod
+    def _named_engines_are_servers(cls, engines: dict[str, EngineConfig]) -> dict[str, EngineConfig]:
+        for name, engine in engines.items():
+            problem = named_engine_problem(name, engine)
+            if problem:
+                raise ValueError(problem)
+        return engines
+
+    @model_validator(mode="after")
+    def _modes_name_known_engines(self) -> RunConfig:
+        for index, mode in enumerate(self.modes):
+            if mode.engine is not None and mode.engine not in self.engines:
+                known = f"the run's engines: {sorted(self.engines)}" if self.engines else "the run names no `engines`"
+                raise ValueError(f"modes.{index}.engine: {mode.engine!r} is not an engine of this run ({known})")
+        return self
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what a row contains; resume refuses a different one."""
@@ -223,5 +244,5 @@ class RunConfig(Strict):
 
     def resolved_modes(self) -> list[ResolvedMode]:
         """The modes as the engine runs them: prompts rendered, sampling filled from `defaults`."""
-        return resolve_modes(self.modes, self.defaults)
+        return resolve_modes(self.modes, self.defaults, self.engines)
 

@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 from pipeline.captioning.columns import MODE_SUFFIXES
 from pipeline.captioning.confidence import score_of
 from pipeline.captioning.images import pixels_to_image
-from pipeline.captioning.modes import ResolvedMode, derive_seed, row_instructions
+from pipeline.captioning.modes import ResolvedMode, derive_seed, row_instructions, stage_groups
 from pipeline.captioning.prompts import chat_string
 from pipeline.captioning.quality import detect_glitch
 from pipeline.config import ModelConfig, RunConfig
@@ -44,6 +45,12 @@ from pipeline.engine.admission import (
     EngineStalledError,
     Job,
     run_batch,
+)
+from pipeline.engine.client import (
+    RemoteServerDownError,
+    RemoteServerRefusedError,
+    named_engine_failure,
+    start_named_engines,
 )
 from pipeline.engine.dedup import IndexClient
 from pipeline.engine.hooks import EngineHook
@@ -298,7 +305,7 @@ class CaptionActor:
         # interpreter exit the engine is stopped explicitly either way.
         atexit.register(self.shutdown)
         self.tokenizer = self.llm.get_tokenizer()
-        self._prompt_ids: dict[str, list[int]] = {}
+        self._prompt_ids: dict[tuple[str, bool, str], list[int]] = {}
         self._tokenizer_lock = threading.Lock()  # Ray Data calls this actor from several threads
         self.gate = AdmissionGate(requests_in_flight_target(self.config, self.llm.llm_engine))
         self.admission_stats = AdmissionStats()
@@ -313,6 +320,11 @@ class CaptionActor:
             values = engine_config_values(self.llm.llm_engine, self.config.model.engine_kwargs)
             log.info("engine config: %s", ", ".join(f"{key}={value}" for key, value in values.items()) or "(none "
                      "of model.engine_kwargs is visible on the engine's config)")
+        try:  # the servers of modes that name one of the run's `engines:` (engine/client.py)
+            self.named_engines = start_named_engines(self.config, self.modes)
+        except (RemoteServerDownError, RemoteServerRefusedError) as err:
+            self.shutdown()
+            raise EngineStartError(f"engine failed to start: {err}") from None
         self.engine_id = engine_id()  # stamped on every batch (the run counts its engines) and on the metrics
         self.gauges = EngineGauges(self.engine_id, self._gauge_sample).start()
         self.states.ready()
@@ -332,6 +344,8 @@ class CaptionActor:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown(timeout=5)
+        for named in getattr(self, "named_engines", {}).values():
+            named.loop.shutdown()
         engine = getattr(self, "llm", None)
         core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
         if core is not None:
@@ -344,15 +358,18 @@ class CaptionActor:
         with contextlib.suppress(Exception):
             self.shutdown()
 
-    def prompt_ids(self, instruction: str) -> list[int]:
-        """Token ids of the full chat prompt for an instruction (cached: modes repeat)."""
+    def prompt_ids(self, instruction: str, image: bool = True, system_prompt: str | None = None) -> list[int]:
+        """Token ids of the full chat prompt for an instruction (cached: modes repeat); `image=False` for a
+        text-only mode's prompt (no image placeholder); `system_prompt`: a mode's own (default the run's)."""
+        system = system_prompt or self.config.defaults.system_prompt
         with self._tokenizer_lock:
-            if instruction not in self._prompt_ids:
+            cache_key = (instruction, image, system)
+            if cache_key not in self._prompt_ids:
                 if len(self._prompt_ids) >= 4096:  # filled templates differ per image: keep the cache bounded
                     self._prompt_ids.clear()
-                text = chat_string(self.config.defaults.system_prompt, instruction)
-                self._prompt_ids[instruction] = list(self.tokenizer.encode(text, add_special_tokens=False))
-            return self._prompt_ids[instruction]
+                text = chat_string(system, instruction, image)
+                self._prompt_ids[cache_key] = list(self.tokenizer.encode(text, add_special_tokens=False))
+            return self._prompt_ids[cache_key]
 
     def request(self, key: str, image: Any, mode: ResolvedMode, attempt: int = 0,
                 instruction: str | None = None) -> tuple[dict[str, Any], Any]:
@@ -370,26 +387,85 @@ class CaptionActor:
             extra["logprobs"] = 0  # the sampled token's own log-probability only
         params = self._sampling_params(max_tokens=mode.max_tokens, temperature=mode.temperature, top_p=mode.top_p,
                                        seed=seed, skip_special_tokens=True, **extra)
-        return {"prompt_token_ids": self.prompt_ids(instruction), "multi_modal_data": {"image": image}}, params
+        ids = self.prompt_ids(instruction, mode.image, mode.system_prompt)
+        if not mode.image:  # a text-only mode: JoyCaption's Llama answers a plain chat turn
+            return {"prompt_token_ids": ids}, params
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}, params
 
     def caption(self, keys: list[str], images: list[Any],
                 bases: list[int] | None = None) -> list[list[Generation | Refused]]:
         """Caption every image in every mode, retrying glitches as soon as they are seen; result[i][m] for
         image i, mode m. Raises EngineFailedError / EngineStalledError when the engine is unusable.
 
+        Chained modes (captioning/modes.py) run stage by stage: a stage's prompts are filled with the image's
+        captions of the stages before it; an image refused in one stage is not asked again in later ones.
         `bases[i]`: attempts image i already had (a row redone by `run --redo`); its attempts (and seeds)
         continue after them, and it still gets `quality.max_attempts` new ones."""
-        quality = self.config.quality
         bases = bases or [0] * len(keys)
-        # Drawn once per image and mode (weighted prompts): retries and the output row use the same one.
         # Template fields (captioning/fields.py) filled from each row's `meta`, set by __call__ for its keys (the
         # actor runs several batches at once: a dict by key, not one batch's list): `_prompt` holds the filled text.
         metas = getattr(self, "_metas", {})
-        instructions = row_instructions(self.modes, self.config.seed, keys, [metas.get(key) for key in keys])
+        results: list[list[Generation | Refused | None]] = [[None] * len(self.modes) for _ in keys]
+        earlier: list[dict[str, str]] = [{} for _ in keys]
+        for group in stage_groups(self.modes):
+            active = [i for i in range(len(keys)) if not any(isinstance(g, Refused) for g in results[i])]
+            for i in set(range(len(keys))) - set(active):  # already an error row: its reason is the first refusal
+                refused = next(g for g in results[i] if isinstance(g, Refused))
+                for m in group:
+                    results[i][m] = refused
+            if not active:
+                continue
+            stage = self._caption_stage([self.modes[m] for m in group], [keys[i] for i in active],
+                                        [images[i] for i in active], [bases[i] for i in active],
+                                        [metas.get(keys[i]) for i in active], [earlier[i] for i in active])
+            for position, i in enumerate(active):
+                for slot, m in enumerate(group):
+                    generation = results[i][m] = stage[position][slot]
+                    if isinstance(generation, Generation):
+                        earlier[i][self.modes[m].name] = self.modes[m].chained_text(generation.text)
+        return results  # type: ignore[return-value]  # every slot is filled by its stage
+
+    def _caption_stage(self, modes: list[ResolvedMode], keys: list[str], images: list[Any], bases: list[int],
+                       metas: list[Any], earlier: list[dict[str, str]]) -> list[list[Generation | Refused]]:
+        """One stage's modes for every image; result[i][m] for image i and the stage's mode m. The modes of each
+        engine (the run's, or one of its named `engines:`) go to it together, the engines at once."""
+        # Drawn once per image and mode (weighted prompts): retries and the output row use the same one.
+        instructions = row_instructions(modes, self.config.seed, keys, metas, earlier)
+        by_engine: dict[str | None, list[int]] = {}
+        for slot, mode in enumerate(modes):
+            by_engine.setdefault(mode.engine, []).append(slot)
+        results: list[list[Any]] = [[None] * len(modes) for _ in keys]
+
+        def run_on(engine: str | None) -> None:
+            slots = by_engine[engine]
+            done = self._caption_on(engine, [modes[slot] for slot in slots], keys, images, bases,
+                                    [[row[slot] for slot in slots] for row in instructions])
+            for i, row in enumerate(done):
+                for position, slot in enumerate(slots):
+                    results[i][slot] = row[position]
+
+        if len(by_engine) == 1:
+            run_on(next(iter(by_engine)))
+        else:  # each engine on a thread of its own; the first failure is raised, as one engine's would be
+            with ThreadPoolExecutor(len(by_engine), thread_name_prefix="stage-engine") as pool:
+                for future in [pool.submit(run_on, engine) for engine in by_engine]:
+                    future.result()
+        return results
+
+    def _caption_on(self, engine: str | None, modes: list[ResolvedMode], keys: list[str], images: list[Any],
+                    bases: list[int], instructions: list[list[str]]) -> list[list[Generation | Refused]]:
+        """`modes` (all on `engine`: None for the run's own) for every image, an image's modes submitted together
+        so they share its prefix in the engine's cache."""
+        quality = self.config.quality
+        named = self.named_engines[engine] if engine is not None else None
+        loop, gate = (named.loop, named.gate) if named is not None else (self.loop, self.gate)
 
         def make_request(job: Job) -> tuple[dict[str, Any], Any]:
-            return self.request(keys[job.image], images[job.image], self.modes[job.mode],
-                                bases[job.image] + job.attempt, instructions[job.image][job.mode])
+            key, mode = keys[job.image], modes[job.mode]
+            attempt, instruction = bases[job.image] + job.attempt, instructions[job.image][job.mode]
+            if named is not None:
+                return named.request(self.config, key, images[job.image], mode, attempt, instruction)
+            return self.request(key, images[job.image], mode, attempt, instruction)
 
         def judge(job: Job, output: Any, error: BaseException | None) -> tuple[Generation | Refused, bool]:
             if error is not None:  # the engine refused this request alone (too long, bad input)
@@ -398,14 +474,14 @@ class CaptionActor:
             text = completion.text.strip()
             glitch = detect_glitch(text, completion.finish_reason, quality)
             attempt = bases[job.image] + job.attempt
-            seed = derive_seed(self.config.seed, keys[job.image], self.modes[job.mode].name, attempt)
+            seed = derive_seed(self.config.seed, keys[job.image], modes[job.mode].name, attempt)
             generation = Generation(text, len(completion.token_ids), completion.finish_reason, glitch,
                                     attempt + 1, seed, instructions[job.image][job.mode],
                                     getattr(output, "num_cached_tokens", None),
                                     score_of(completion.token_ids, getattr(completion, "logprobs", None)))
             return generation, glitch in quality.retry_on and job.attempt + 1 < quality.max_attempts
 
-        return run_batch(self.loop, self.gate, len(keys), len(self.modes), make_request, judge,
+        return run_batch(loop, gate, len(keys), len(modes), make_request, judge,  # type: ignore[arg-type]
                          self.config.compute.engine_stall_timeout_s, self.admission_stats)
 
     def _caption_once_per_content(self, columns: dict[str, list[Any]], ok: list[int], keys: list[str],
@@ -507,6 +583,10 @@ class CaptionActor:
         """End this actor's process so Ray replaces it with a fresh engine (up to compute.max_actor_restarts
         times) and redoes its batches; nothing is committed for them until they are captioned. An engine
         that failed or hangs cannot be trusted with another request, whatever the error was."""
+        cause = named_engine_failure(getattr(self, "named_engines", {}))
+        if cause is not None:  # a named engine's server is down: a fresh actor would meet the same server
+            self.shutdown()
+            raise type(cause)(str(cause)) from None
         log.error("caption actor exiting so Ray replaces it: %s: %s", type(err).__name__, err)
         self._states().failed(f"{type(err).__name__}: {err}")
         stop_engine_processes(self.shutdown, timeout_s=10)

@@ -172,6 +172,8 @@ class Estimate:
     gpu_hours: float
     wall_hours: float
     assumes: list[str]
+    stages: int = 1  # chained modes (captioning/modes.py): an image's modes run in this many steps
+    engine: str = "vllm"  # engine.kind: with `openai` the GPUs are the server fleet's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,14 +184,42 @@ class Estimate:
 
 
 def output_budget(config: RunConfig) -> list[int]:
-    """Each mode's output-token cap, run defaults filled in."""
+    """Each mode's output-token cap, run defaults filled in; modes sent to a named engine (`modes[].engine`)
+    are left out: their tokens are another server's work."""
 
-    return [mode.max_tokens for mode in config.resolved_modes()]
+    return [mode.max_tokens for mode in config.resolved_modes() if mode.engine is None]
+
+
+def config_assumptions(config: RunConfig) -> list[str]:
+    """What the config adds to the estimate's assumptions: chained modes and a remote engine."""
+    modes = config.resolved_modes()
+    notes = []
+    chained = [mode for mode in modes if mode.requires]
+    if chained:
+        caps = {mode.name: mode.max_tokens for mode in modes}
+        carried = sum(caps[name] for mode in chained for name in mode.requires)
+        text_only = [mode.name for mode in chained if not mode.image]
+        notes.append(
+            f"chained modes: {len(chained)} of {len(modes)} run after the modes they require "
+            f"({1 + max(mode.stage for mode in modes)} stages an image); their output tokens are counted like any "
+            f"mode's, the up to {carried} tokens of earlier captions their prompts carry are prefill (not counted)"
+            + (f"; text-only ({', '.join(text_only)}): no image to encode" if text_only else ""))
+    elsewhere = [f"{mode.name} on {mode.engine} ({config.engines[mode.engine].base_url})"
+                 for mode in modes if mode.engine is not None]
+    if elsewhere:
+        notes.append(f"not counted: modes sent to a named engine, on its own servers: {', '.join(elsewhere)}")
+    if config.engine.kind == "openai":
+        notes.append(f"engine.kind openai: the GPUs are those of the server(s) at {config.engine.base_url} (give "
+                     "--gpus for their count); the caption actors need none. Requests add PNG encoding and HTTP: "
+                     "measure the fleet and pass --rate for a firmer figure")
+    return notes
 
 
 def assumed_gpus(config: RunConfig) -> int:
     """The GPUs the config asks for: compute.actors x GPUs per actor when actors are set (a range: its most),
-    else 1."""
+    else 1. With a remote engine (engine.kind openai) the actors hold no GPU: 1 unless --gpus says."""
+    if config.engine.kind == "openai":
+        return 1
     bounds = config.compute.actor_bounds()
     if bounds is None:  # unset or `auto`: as many as the cluster has, unknown here
         return 1
@@ -204,8 +234,10 @@ def scaled_rate(caps: list[int]) -> float:
 
 
 def estimate(images: int, caps: list[int], rate: float | None, gpus: int, fixed_length: bool = False,
-             max_attempts: int = 1) -> Estimate:
-    """GPU-hours and wall time for captioning `images` with modes capped at `caps` output tokens."""
+             max_attempts: int = 1, notes: list[str] | None = None, stages: int = 1,
+             engine: str = "vllm") -> Estimate:
+    """GPU-hours and wall time for captioning `images` with modes capped at `caps` output tokens; `notes`:
+    the config's own assumptions (config_assumptions)."""
     budget, given = sum(caps), rate is not None
     if rate is not None:
         assumes = [f"{rate:g} images/s per GPU as given (--rate), for this config as it is"]
@@ -224,7 +256,8 @@ def estimate(images: int, caps: list[int], rate: float | None, gpus: int, fixed_
                        "(about a minute an engine)")
     else:
         assumes.append("not counted: engine start (about a minute an engine)")
+    assumes.extend(notes or [])
     gpu_hours = images / rate / 3600
     return Estimate(images, len(caps), images * len(caps), budget, round(rate, 3),
                     "--rate" if given else "reference", gpus,
-                    round(gpu_hours, 6), round(gpu_hours / gpus, 6), assumes)
+                    round(gpu_hours, 6), round(gpu_hours / gpus, 6), assumes, stages, engine)

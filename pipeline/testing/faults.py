@@ -11,6 +11,9 @@ Both are hooks of the run's seam (pipeline/run/hooks.py), given to `execute` or 
 - `PauseAt(MOMENT, SECONDS)` holds a commit at a named moment, long enough for a test to kill the run there.
 - `EngineDelay(start_s, first_step_s)` makes an engine slow to start and slow to return its first batch, as a
   large model on a GPU is: the console's engine-start lines and heartbeats can be seen on the tiny model.
+- `HoldTextStage(after, seconds, flag_file)` holds the engine when a text-only request (a chained mode's later
+  stage) arrives after `after` of them: it writes `flag_file` and waits, so a test can kill a run between the
+  stages of a chain.
 """
 
 from __future__ import annotations
@@ -179,3 +182,60 @@ class PauseAt:
         if moment == self.moment:
             log.warning("test pause: holding at %s for %.1f s", moment, self.seconds)
             time.sleep(self.seconds)
+
+
+def _has_image(prompt: Any) -> bool:
+    """Whether an engine request carries an image: a raw prompt dict (`multi_modal_data`) or vLLM 0.32's
+    rendered input (`type: multimodal`)."""
+    if isinstance(prompt, dict):
+        return "multi_modal_data" in prompt or prompt.get("type") == "multimodal"
+    return hasattr(prompt, "mm_kwargs")
+
+
+class HeldTextStage:
+    """The engine, except that its text-only request number `after + 1` writes `flag_file` and holds."""
+
+    def __init__(self, engine: Any, after: int, seconds: float, flag_file: str) -> None:
+        self._engine, self._after, self._seconds, self._flag = engine, after, seconds, flag_file
+        self._seen = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def add_request(self, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _has_image(prompt):
+            self._seen += 1
+            if self._seen == self._after + 1:
+                log.warning("test hold: text-only request %d arrived; holding the engine %.1f s", self._seen,
+                            self._seconds)
+                with open(self._flag, "w") as flag:
+                    flag.write(str(os.getpid()))
+                time.sleep(self._seconds)
+        return self._engine.add_request(request_id, prompt, params, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class HoldTextStage:
+    """An EngineHook: each actor's engine holds `seconds` at its text-only request number `after + 1`, after
+    writing `flag_file` (tests/launch.py's --hold-text-stage AFTER:SECONDS:FLAG_FILE). `then`: a further hook."""
+
+    after: int
+    seconds: float
+    flag_file: str
+    then: Any = None
+
+    @classmethod
+    def parse(cls, text: str) -> HoldTextStage:
+        after, _, rest = text.partition(":")
+        seconds, _, flag_file = rest.partition(":")
+        try:
+            hold = cls(int(after), float(seconds), flag_file)
+        except ValueError:
+            hold = None
+        if hold is None or hold.after < 0 or not hold.seconds >= 0 or not flag_file:
+            raise ValueError(f"text-stage hold {text!r}: expected AFTER:SECONDS:FLAG_FILE")
+        return hold
+
+    def wrap(self, engine: Any) -> Any:
+        engine = self.then.wrap(engine) if self.then is not None else engine
+        return HeldTextStage(engine, self.after, self.seconds, self.flag_file)

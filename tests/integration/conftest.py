@@ -56,10 +56,13 @@ def write_config(path: Path, model_dir: Path, input_uri: str, output_uri: str, *
     return path
 
 
-def cli_command(*args: str, engine_fault: str | None = None, pause: str | None = None) -> list[str]:
+def cli_command(*args: str, engine_fault: str | None = None, pause: str | None = None,
+                launcher: tuple[str, ...] = ()) -> list[str]:
     """`python -m pipeline ARGS`, as a user runs it; with a hook asked for, the test launcher (tests/launch.py)
-    instead: `engine_fault` is KIND@STEP[:ONCE_FILE],... and `pause` MOMENT:SECONDS (pipeline/testing/faults.py)."""
-    hooks = [*(["--engine-fault", engine_fault] if engine_fault else []), *(["--pause", pause] if pause else [])]
+    instead: `engine_fault` is KIND@STEP[:ONCE_FILE],... and `pause` MOMENT:SECONDS (pipeline/testing/faults.py);
+    `launcher`: more of its flags (`--hold-text-stage`, `--engine-delay`)."""
+    hooks = [*(["--engine-fault", engine_fault] if engine_fault else []), *(["--pause", pause] if pause else []),
+             *launcher]
     if not hooks:
         return [sys.executable, "-m", "pipeline", *args]
     return [sys.executable, str(REPO / "tests" / "launch.py"), *hooks, *args]

@@ -207,3 +207,54 @@ def test_a_server_answering_429_slows_the_run_and_loses_nothing(tmp_path: Path, 
     _check_table(tmp_path / "out", config_path)
     answered = [path for method, path in proxy.requests if path.endswith("/chat/completions")]
     assert len(answered) >= len(SAMPLES) * 2 + 12  # every refused request was sent again
+
+
+def _text_and_image_requests(received: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    return ([ids for ids in received if IMAGE_TOKEN_ID not in ids],
+            [ids for ids in received if ids.count(IMAGE_TOKEN_ID) == 729])
+
+
+def test_a_chain_runs_on_the_server_and_its_text_only_stage_is_sent_without_an_image(tmp_path: Path,
+                                                                                    tiny_model: Path,
+                                                                                    samples: Path,
+                                                                                    server: VllmServer):
+    from tests.integration.test_chained_modes import CHAIN, check_chain
+
+    seen_before = len(server.prompt_token_ids())
+    config_path = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(tmp_path / "out"), modes=CHAIN,
+                               compute={"batch_size": 16, "ray_address": "local"},
+                               engine={"kind": "openai", "base_url": server.url, "model": SERVED_NAME})
+    result = run_cli("run", str(config_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = pd.read_parquet(tmp_path / "out" / DATA)
+    check_chain(table)
+    text_only, with_image = _text_and_image_requests(server.prompt_token_ids()[seen_before:])
+    assert len(with_image) >= 2 * len(SAMPLES) and len(text_only) >= len(SAMPLES)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    config = load_config(config_path)
+    sent = {tuple(tokenizer.encode(chat_string(config.defaults.system_prompt, prompt, image=False),
+                                   add_special_tokens=False)) for prompt in table.short_prompt}
+    # One <|begin_of_text|> and exactly the text-only chat string the in-process engine would tokenise.
+    assert all(ids.count(BOS_ID) == 1 for ids in text_only) and set(map(tuple, text_only)) <= sent
+
+
+@pytest.mark.slow
+def test_the_in_process_engine_sends_a_named_engines_modes_to_its_server(tmp_path: Path, tiny_model: Path,
+                                                                          samples: Path, server: VllmServer):
+    from tests.integration.test_chained_modes import CHAIN, check_chain
+
+    seen_before = len(server.prompt_token_ids())
+    modes = [*CHAIN[:2], {**CHAIN[2], "engine": "rewriter"}]
+    config_path = write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(tmp_path / "out"), modes=modes,
+                               compute={"batch_size": 16, "ray_address": "local"},
+                               engines={"rewriter": {"kind": "openai", "base_url": server.url,
+                                                     "model": SERVED_NAME}})
+    result = run_cli("run", str(config_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = pd.read_parquet(tmp_path / "out" / DATA)
+    check_chain(table)
+    text_only, with_image = _text_and_image_requests(server.prompt_token_ids()[seen_before:])
+    # The server saw the rewrites and nothing else: the images went to the in-process engine.
+    assert not with_image and len(text_only) == int(table.short_attempts.sum())

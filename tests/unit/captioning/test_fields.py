@@ -71,3 +71,20 @@ def test_modes_fill_per_row_and_count_missing_values(caplog: pytest.LogCaptureFi
     assert "{Bob}" in rows[0][1] and "{{Bob}}" not in rows[0][1]
     assert modes_module.MISSING_FIELDS == {"alt {meta.caption}": 1}
     assert "template field {meta.caption} has no value for b.jpg" in caplog.text
+
+
+def test_mode_fields_take_the_earlier_caption_whole_and_bare_names_only_when_required():
+    from pipeline.captioning import fields
+
+    long_caption = "word " * 400  # longer than MAX_VALUE_CHARS: a caption is bounded by its max_tokens instead
+    text, missing = fields.fill("Shorten: {mode.description}", "k", None, {"description": long_caption})
+    assert text == "Shorten: " + long_caption.strip() and not missing
+    assert fields.fill("A. Tags: {mode.tags?}. B.", "k", None, {})[0] == "A. B."
+    assert fields.normalise("{{x}} {description|none}", frozenset({"description"})) == "{{x}} {mode.description|none}"
+    assert fields.modes_used("{a} {mode.b} {tags} {meta.a}", frozenset({"a"})) == ["a", "b"]
+    try:
+        fields.parse("{description}")
+    except ValueError as err:
+        assert "{mode.NAME}" in str(err)
+    else:
+        raise AssertionError("a bare unknown name must fail")

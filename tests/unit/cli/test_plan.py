@@ -358,3 +358,32 @@ def test_parquet_rows_are_known_from_footers_and_sampled_by_shard(tmp_path: Path
     whole = report(config, _layout("parquet"), survey(config, "parquet", 1000, Ticker(True)), None, None)
     assert whole.read.everything and (whole.images, whole.broken) == (6, 1)
     assert whole.bytes == (folder / "x.parquet").stat().st_size
+
+
+def test_the_estimate_says_what_a_chain_and_a_remote_engine_change():
+    from pipeline.run.estimate import config_assumptions
+
+    modes = [{"name": "tags", "type": "booru_like", "max_tokens": 128},
+             {"name": "description", "prompt": "Describe it. Tags: {tags}.", "requires": ["tags"], "max_tokens": 256},
+             {"name": "clip", "prompt": "Shorten: {description}", "requires": ["description"], "image": False,
+              "max_tokens": 77, "engine": "writer"}]
+    tree = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "m"}, "modes": modes,
+            "engines": {"writer": {"kind": "openai", "base_url": "http://w:8000/v1", "model": "llm"}}}
+    config = build_config(tree)
+    assert output_budget(config) == [128, 256]  # the rewrite is the writer's work, not this run's GPUs'
+    notes = " | ".join(config_assumptions(config))
+    assert "chained modes: 2 of 3" in notes and "3 stages an image" in notes and "384 tokens of earlier" in notes
+    assert "text-only (clip)" in notes and "clip on writer (http://w:8000/v1)" in notes
+    remote = build_config({**tree, "engine": {"kind": "openai", "base_url": "http://fleet:8000/v1"}})
+    assert assumed_gpus(remote) == 1 and "the GPUs are those of the server(s) at http://fleet" in \
+        " ".join(config_assumptions(remote))
+    guess = estimate(1000, output_budget(config), None, 1, notes=config_assumptions(config), stages=3)
+    plan_line = format_plan_estimate(guess)
+    assert "(3 chained stages an image)" in plan_line
+
+
+def format_plan_estimate(guess) -> str:
+    from pipeline.cli.plan_report import _estimate_lines
+
+    return "\n".join(_estimate_lines(PlanReport(input="in", format="folder", layout="folder", shards=1, shard_size=1,
+                                                unsized_shards=0, images=1000, estimate=guess)))

@@ -111,3 +111,102 @@ def test_requests_in_flight_come_from_the_config_else_the_engines_batch_limit():
     assert batches_in_flight(build_config(tree), gpus_per_actor=1) == 1024 // 64 + 1
     assert batches_in_flight(build_config(tree, ["model.max_num_seqs=100"]), gpus_per_actor=1) == 3
     assert batches_in_flight(build_config(tree), gpus_per_actor=0) == 1
+
+
+# ------------------------------------------------------------------------------------------- chained modes
+class _EchoLoop:
+    """An engine loop that answers at once: an image request with `<mode> of <key>`, a text-only request with
+    `short: <its instruction>`; the instruction `refuse me` is refused, as an engine refuses a prompt alone."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.failure = None
+
+    def submit(self, prompts, params):
+        from concurrent.futures import Future
+        from types import SimpleNamespace
+
+        futures = []
+        for prompt in prompts:
+            self.requests.append(prompt)
+            future: Future = Future()
+            if "refuse me" in prompt["instruction"]:
+                future.set_exception(ValueError("prompt too long"))
+            else:
+                text = (f"{prompt['mode']} of {prompt['key']}" if prompt["image"] else
+                        f"short: {prompt['instruction']}")
+                future.set_result(SimpleNamespace(outputs=[SimpleNamespace(text=text, token_ids=[1, 2],
+                                                                             finish_reason="stop", logprobs=None)]))
+            futures.append(future)
+        return futures
+
+    def stalled_for(self) -> float:
+        return 0.0
+
+
+def _chained_actor(modes: list[dict]):
+    from pipeline.engine.actor import CaptionActor
+    from pipeline.engine.admission import AdmissionGate, AdmissionStats
+
+    class Actor(CaptionActor):
+        def request(self, key, image, mode, attempt=0, instruction=None):
+            return {"key": key, "mode": mode.name, "image": mode.image, "instruction": instruction}, None
+
+    actor = Actor.__new__(Actor)
+    actor.config = build_config({"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "m"},
+                                 "modes": modes, "quality": {"confidence": False}})
+    actor.modes = actor.config.resolved_modes()
+    actor.loop, actor.gate, actor.admission_stats = _EchoLoop(), AdmissionGate(64), AdmissionStats()
+    return actor
+
+
+CHAIN = [{"name": "short", "prompt": "Rewrite: {description}", "requires": ["description"], "image": False},
+         {"name": "tags", "type": "booru_like"},
+         {"name": "description", "prompt": "Describe it; tags: {tags}. {meta.caption?}", "requires": ["tags"]}]
+
+
+def test_chained_modes_run_stage_by_stage_with_the_earlier_captions_in_their_prompts():
+    from pipeline.engine.actor import Generation
+
+    actor = _chained_actor(CHAIN)
+    actor._metas = {"b.jpg": '{"caption": "Alt text."}'}
+    result = actor.caption(["a.jpg", "b.jpg"], ["image a", "image b"])
+    order = [(request["key"], request["mode"]) for request in actor.loop.requests]
+    assert [mode for _, mode in order] == ["tags", "tags", "description", "description", "short", "short"]
+    by_mode = {mode.name: m for m, mode in enumerate(actor.modes)}
+    a_description = result[0][by_mode["description"]]
+    assert isinstance(a_description, Generation)
+    assert a_description.prompt == "Describe it; tags: tags of a.jpg."
+    assert result[1][by_mode["description"]].prompt == "Describe it; tags: tags of b.jpg. Alt text."
+    assert result[0][by_mode["short"]].prompt == "Rewrite: description of a.jpg"
+    assert result[0][by_mode["short"]].text == "short: Rewrite: description of a.jpg"
+    assert [request["image"] for request in actor.loop.requests if request["mode"] == "short"] == [False, False]
+
+
+def test_an_image_refused_in_one_stage_is_not_asked_again_and_keeps_its_reason():
+    from pipeline.engine.actor import Refused
+
+    actor = _chained_actor([{"name": "tags", "prompt": "List tags. {meta.extra?}"}, *CHAIN[::2]])
+    actor._metas = {"bad.jpg": '{"extra": "refuse me"}'}
+    result = actor.caption(["ok.jpg", "bad.jpg"], ["image", "image"])
+    asked = [(request["key"], request["mode"]) for request in actor.loop.requests]
+    assert ("bad.jpg", "description") not in asked and ("ok.jpg", "short") in asked
+    assert all(isinstance(g, Refused) and "prompt too long" in g.reason for g in result[1])
+
+
+def test_a_text_only_mode_sends_no_image_to_the_in_process_engine():
+    from vllm import SamplingParams
+
+    from pipeline.engine.actor import CaptionActor
+
+    actor = CaptionActor.__new__(CaptionActor)
+    actor.config = build_config({"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "m"},
+                                 "modes": CHAIN})
+    actor.modes, actor._sampling_params = actor.config.resolved_modes(), SamplingParams
+    actor.tokenizer = type("Tokenizer", (), {"encode": lambda self, text, add_special_tokens: [len(text)]})()
+    actor._prompt_ids, actor._tokenizer_lock = {}, __import__("threading").Lock()
+    by_name = {mode.name: mode for mode in actor.modes}
+    text_only, _ = actor.request("a.jpg", "pixels", by_name["short"], instruction="Rewrite: x")
+    with_image, _ = actor.request("a.jpg", "pixels", by_name["description"], instruction="Rewrite: x")
+    assert "multi_modal_data" not in text_only and with_image["multi_modal_data"] == {"image": "pixels"}
+    assert text_only["prompt_token_ids"][0] == with_image["prompt_token_ids"][0] - len("<image>")
