@@ -204,6 +204,15 @@ class RunConfig(Strict):
         chain_stages(modes)  # unknown names and cycles in `requires` fail here, naming the key
         return modes
 
+    @field_validator("engines", mode="before")
+    @classmethod
+    def _named_engines_default_to_servers(cls, value: Any) -> Any:
+        """A named engine is always a server: `kind: openai` may be left out."""
+        if isinstance(value, dict):
+            return {name: {"kind": "openai", **engine} if isinstance(engine, dict) else engine
+                    for name, engine in value.items()}
+        return value
+
     @field_validator("engines")
     @classmethod
     def _named_engines_are_servers(cls, engines: dict[str, EngineConfig]) -> dict[str, EngineConfig]:

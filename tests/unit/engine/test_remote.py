@@ -13,19 +13,23 @@ from pipeline.config import ConfigError, build_config
 from tests.unit.engine.test_client import TREE, _FakeServer
 
 
-def test_remote_actor_captions_every_mode_of_every_image_through_the_admission_code(monkeypatch: pytest.MonkeyPatch):
-    from pipeline.engine.remote import RemoteCaptionActor
-
-    fake = _FakeServer([503])
+def _serving(fake: _FakeServer, name: str) -> _FakeServer:
+    """`fake` answering GET /models with `name`, as a server of that model does."""
 
     def do_get(handler: BaseHTTPRequestHandler) -> None:
-        data = json.dumps({"data": [{"id": "served"}]}).encode()
+        data = json.dumps({"data": [{"id": name}]}).encode()
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)
 
     fake.http.RequestHandlerClass.do_GET = do_get  # type: ignore[attr-defined]
+    return fake
+
+def test_remote_actor_captions_every_mode_of_every_image_through_the_admission_code(monkeypatch: pytest.MonkeyPatch):
+    from pipeline.engine.remote import RemoteCaptionActor
+
+    fake = _serving(_FakeServer([503]), "served")
     monkeypatch.setattr("pipeline.engine.client.BACKOFF_BASE_S", 0.01)
     tree = {**TREE, "modes": [*TREE["modes"], {"name": "description", "type": "straightforward", "max_tokens": 9}],
             "engine": {"kind": "openai", "base_url": fake.url, "model": "served"}}
@@ -46,16 +50,7 @@ def test_remote_actor_runs_a_chain_stage_by_stage_and_sends_a_text_only_mode_wit
         monkeypatch: pytest.MonkeyPatch):
     from pipeline.engine.remote import RemoteCaptionActor
 
-    fake = _FakeServer([])
-
-    def do_get(handler: BaseHTTPRequestHandler) -> None:
-        data = json.dumps({"data": [{"id": "m"}]}).encode()
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    fake.http.RequestHandlerClass.do_GET = do_get  # type: ignore[attr-defined]
+    fake = _serving(_FakeServer([]), "m")
     tree = {**TREE, "modes": [*TREE["modes"], {"name": "short", "prompt": "Shorten: {tags}", "requires": ["tags"],
                                                 "image": False}],
             "engine": {"kind": "openai", "base_url": fake.url, "model": "m"}}
@@ -68,20 +63,6 @@ def test_remote_actor_runs_a_chain_stage_by_stage_and_sends_a_text_only_mode_wit
     finally:
         actor.shutdown()
         fake.close()
-
-
-def _serving(fake: _FakeServer, name: str) -> _FakeServer:
-    """`fake` answering GET /models with `name`, as a server of that model does."""
-
-    def do_get(handler: BaseHTTPRequestHandler) -> None:
-        data = json.dumps({"data": [{"id": name}]}).encode()
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    fake.http.RequestHandlerClass.do_GET = do_get  # type: ignore[attr-defined]
-    return fake
 
 
 def test_a_mode_naming_another_engine_sends_its_requests_there_with_its_model_and_system_prompt():
@@ -112,9 +93,9 @@ def test_named_engines_are_checked_at_load_and_their_model_is_in_the_fingerprint
         rewrite = {"name": "short", "prompt": "Shorten: {tags}", "requires": ["tags"], "image": False,
                    "engine": "rewriter"}
         return build_config({**TREE, "modes": [*TREE["modes"], rewrite],
-                             "engines": {"rewriter": {"kind": "openai", "base_url": "http://h:1/v1", "model": "a",
-                                                      **changes}}})
+                             "engines": {"rewriter": {"base_url": "http://h:1/v1", "model": "a", **changes}}})
 
+    assert config().engines["rewriter"].kind == "openai"  # may be left out: a named engine is a server
     assert config().fingerprint() != config(model="b").fingerprint()
     assert config().fingerprint() == config(base_url="http://elsewhere:2/v1").fingerprint()  # same model, same rows
     with pytest.raises(ConfigError, match=r"engines\.rewriter\.kind: a named engine is an OpenAI-compatible"):
@@ -129,16 +110,7 @@ def test_remote_actor_fails_to_start_naming_a_model_the_server_does_not_serve():
     from pipeline.engine.actor import EngineStartError
     from pipeline.engine.remote import RemoteCaptionActor
 
-    fake = _FakeServer([])
-
-    def do_get(handler: BaseHTTPRequestHandler) -> None:
-        data = json.dumps({"data": [{"id": "other"}]}).encode()
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    fake.http.RequestHandlerClass.do_GET = do_get  # type: ignore[attr-defined]
+    fake = _serving(_FakeServer([]), "other")
     tree = {**TREE, "engine": {"kind": "openai", "base_url": fake.url, "model": "served"}}
     try:
         with pytest.raises(EngineStartError, match=r"engine failed to start: server at .* does not serve model "

@@ -99,3 +99,39 @@ def test_a_malformed_engine_delay_is_refused(text: str):
 
     with pytest.raises(ValueError, match="start:SECONDS"):
         EngineDelay.parse(text)
+
+
+def test_a_text_stage_hold_waits_at_its_text_only_request_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from pipeline.testing.faults import HoldTextStage
+
+    class Recording:
+        def __init__(self) -> None:
+            self.added: list[object] = []
+
+        def add_request(self, request_id: str, prompt: object, params: object) -> None:
+            self.added.append(prompt)
+
+    slept: list[float] = []
+    monkeypatch.setattr("pipeline.testing.faults.time.sleep", slept.append)
+    flag = tmp_path / "held"
+    hold = HoldTextStage.parse(f"1:30:{flag}")
+    assert pickle.loads(pickle.dumps(hold)) == hold  # it travels to the actor with Ray Data's arguments
+    inner = Recording()
+    engine = hold.wrap(inner)
+    raw_image, rendered_image = {"prompt_token_ids": [1], "multi_modal_data": {}}, {"type": "multimodal"}
+    text_only = [{"prompt_token_ids": [2]}, {"type": "token"}, {"type": "token"}]
+    for prompt in (raw_image, rendered_image, text_only[0]):
+        engine.add_request("r", prompt, None)
+    assert not slept and not flag.exists()  # images never count; the first text-only request passes
+    for prompt in text_only[1:]:
+        engine.add_request("r", prompt, None)
+    assert slept == [30.0] and flag.exists()  # the second text-only request held, once
+    assert inner.added == [raw_image, rendered_image, *text_only]  # every request still reaches the engine
+
+
+@pytest.mark.parametrize("text", ["x:1:f", "1:-1:f", "1:2:", "1"])
+def test_a_malformed_text_stage_hold_is_refused(text: str):
+    from pipeline.testing.faults import HoldTextStage
+
+    with pytest.raises(ValueError, match="AFTER:SECONDS:FLAG_FILE"):
+        HoldTextStage.parse(text)
