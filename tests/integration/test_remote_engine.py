@@ -258,3 +258,48 @@ def test_the_in_process_engine_sends_a_named_engines_modes_to_its_server(tmp_pat
     text_only, with_image = _text_and_image_requests(server.prompt_token_ids()[seen_before:])
     # The server saw the rewrites and nothing else: the images went to the in-process engine.
     assert not with_image and len(text_only) == int(table.short_attempts.sum())
+
+
+@pytest.mark.slow
+def test_a_chain_on_servers_killed_between_its_stages_is_finished_by_the_rerun(tmp_path: Path, tiny_model: Path,
+                                                                             samples: Path, server: VllmServer):
+    from tests.integration.test_chained_modes import CHAIN, _markers, check_chain
+    from tests.integration.test_resume import _kill_tree
+
+    out = tmp_path / "out"
+
+    def config(rewriter_url: str) -> Path:
+        # Images on the run's engine (the server); the text-only rewrite on a named engine (the same server,
+        # here behind the fault proxy). Moving a named engine is not a new config: the re-run goes direct.
+        return write_config(tmp_path / "run.yaml", tiny_model, str(samples), str(out),
+                            modes=[*CHAIN[:2], {**CHAIN[2], "engine": "rewriter"}],
+                            input={"uri": str(samples), "shard_size": 2},
+                            compute={"batch_size": 2, "ray_address": "local"},
+                            engine={"kind": "openai", "base_url": server.url, "model": SERVED_NAME},
+                            engines={"rewriter": {"base_url": rewriter_url, "model": SERVED_NAME,
+                                                  "unreachable_s": 1200}})
+
+    upstream = server.url.removesuffix("/v1")
+    # After six rewrites the rewriter's server answers 503 to everything: the later images have their tags and
+    # descriptions and wait for their last stage, the earlier ones are committed.
+    with FaultProxy(upstream, [Fault.status(503, "Busy", key=r"/chat/completions$", times=None, after=6)]) as proxy:
+        process = subprocess.Popen(cli_command("run", str(config(proxy.url + "/v1"))), cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 600
+            while not (proxy.injected and _markers(out)) and time.monotonic() < deadline:
+                assert process.poll() is None, process.communicate()[1][-3000:].decode(errors="replace")
+                time.sleep(0.3)
+            time.sleep(3)  # commits of shards already through every stage land
+        finally:
+            _kill_tree(process)
+    before = _markers(out)
+    shards = len(SAMPLES) // 2
+    assert proxy.injected and 1 <= len(before) < shards
+
+    result = run_cli("run", str(config(server.url)), "--json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = _markers(out)
+    assert len(after) == shards and {name: after[name] for name in before} == before
+    assert last_summary(out)["shards_committed_this_run"] == shards - len(before)
+    check_chain(pd.read_parquet(out / DATA))
