@@ -164,11 +164,11 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
         if items:
             raise RuntimeError(f"{len(items)} shards did not commit after {MAX_PASSES} passes (e.g. "
                                f"{items[0].shard}); see the log, then re-run to finish them")
-        _say_nodes_lost(nodes)
         lease.check()
         summary = summarise(ledger, config, time.monotonic() - started, committer, loop_cpu_s,
                             fingerprint=metadata.fingerprint)
-        summary = dataclasses.replace(summary, engines=len(engines) if engines else None)
+        summary = dataclasses.replace(summary, engines=len(engines) if engines else None,
+                                      nodes_lost=[node.name() for node in nodes.lost])
         if duplicates:
             summary = dataclasses.replace(summary, duplicates={name: duplicates.get(name, 0) for name in
                                                                ("captioned", "reused", "recaptioned")})
@@ -181,15 +181,6 @@ def execute(config: RunConfig, overwrite: bool = False, retry_errors: bool = Fal
             lease.release()
         finally:
             ray_session.end()  # the caption actors and their engines, and a local Ray's every process
-
-
-def _say_nodes_lost(nodes: NodeWatch) -> None:
-    """One line before the summary when nodes were lost mid-run (each was said when it happened)."""
-    if nodes.lost:
-        names = ", ".join(node.name() for node in nodes.lost)
-        log.warning("%d node%s lost during the run (%s): %s work in flight was redone",
-                    len(nodes.lost), "" if len(nodes.lost) == 1 else "s", names,
-                    "its" if len(nodes.lost) == 1 else "their")
 
 
 def _run_pass(config: RunConfig, items: list[WorkItem], committer: Committer, captioner: type,
@@ -326,6 +317,10 @@ def format_summary(summary: RunSummary) -> str:
              f"time        {summary.seconds} s"]
     if summary.engines:
         lines.append(f"engines     {summary.engines} caption engine{'s' if summary.engines != 1 else ''} ran")
+    if summary.nodes_lost:  # each was said when it happened; the summary keeps the count
+        lost = len(summary.nodes_lost)
+        lines.append(f"nodes       {lost} lost mid-run ({', '.join(summary.nodes_lost)}): "
+                     f"{'its' if lost == 1 else 'their'} work in flight was redone")
     for name, stats in summary.modes.items():
         lines.append(f"mode {name:<12} {stats.captions} captions, {stats.tokens} tokens, "
                      f"glitch rate {stats.glitch_rate:.1%} ({stats.retries} retries)")

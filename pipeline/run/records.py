@@ -83,6 +83,8 @@ class RunSummary:
     # given another key's captions, `recaptioned` duplicates captioned again; empty with compute.dedup off.
     duplicates: dict[str, int] = field(default_factory=dict)
     engines: int | None = None  # caption actors that returned batches this run (None: nothing captioned)
+    # Nodes seen alive that died while this run was captioning (run/nodes.py): their work in flight was redone.
+    nodes_lost: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # nested records (modes, commits) become dicts too

@@ -20,7 +20,7 @@ import pytest
 from pipeline.table.names import DATA, MARKERS
 from pipeline.testing.samples import SAMPLES
 from tests.integration.cluster import AUTH_VARIABLES, Node, RayCluster
-from tests.integration.conftest import REPO, cli_command, run_cli, write_config
+from tests.integration.conftest import REPO, cli_command, last_summary, run_cli, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +165,9 @@ def test_a_lost_node_costs_only_its_work_in_flight_and_the_console_names_it(tmp_
     [log_line] = [line for line in console.splitlines() if line.startswith("log: ")]
     assert lost.search(Path(log_line.removeprefix("log: ").strip()).read_text())
     print(next(line for line in console.splitlines() if lost.search(line)))  # for the record (pytest -s)
+    # The summary keeps the count: on the console and in `run --json` / the manifest.
+    assert re.search(rf"nodes +1 lost mid-run \(node \S+ \(id {spot.node_id[:8]}\)\)", console), console[-4000:]
+    assert [name.split("(id ")[1][:8] for name in last_summary(out)["nodes_lost"]] == [spot.node_id[:8]]
 
 
 def test_an_engine_that_cannot_start_fails_the_run_fast_with_its_error(tmp_path: Path, samples: Path):

@@ -18,7 +18,7 @@ from pipeline.table.records import Marker, ModeReport
 
 # The keys `run --json` prints and the manifest's `last_summary` holds, in order: scripts read them.
 SUMMARY_KEYS = ["output", "shards", "shards_committed_this_run", "images", "ok", "errors", "error_reasons", "modes",
-                "seconds", "fingerprint", "commits", "duplicates", "engines"]
+                "seconds", "fingerprint", "commits", "duplicates", "engines", "nodes_lost"]
 COMMITS_KEYS = ["per_s", "latency_p50_s", "latency_p99_s", "driver_loop_cpu_ms_per_1000_images",
                 "commit_cpu_ms_per_1000_images", "where"]
 
@@ -60,6 +60,9 @@ def test_the_summary_text():
     assert "errors      empty file: 2" in text
     assert "commits     0.08 shards/s, latency p50 0.010 s, p99 0.020 s, on the driver's loop" in text
     assert "commits" not in format_summary(RunSummary(output="/out"))  # nothing committed: no commit line
+    assert "nodes" not in text
+    lost = format_summary(RunSummary(output="/out", nodes_lost=["node 10.0.0.7 (id 8b054846)"]))
+    assert "nodes       1 lost mid-run (node 10.0.0.7 (id 8b054846)): its work in flight was redone" in lost
 
 
 def test_summarise_counts_every_committed_shard_and_this_runs_commits(tmp_path: Path):
