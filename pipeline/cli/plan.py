@@ -20,6 +20,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
+from pipeline.captioning.modes import stage_groups
 from pipeline.cli.plan_report import PlanReport, PlanSeconds, ReadSummary, format_plan
 from pipeline.run.estimate import (
     DEFAULT_SAMPLE,
@@ -73,7 +74,7 @@ def report(config: RunConfig, layout: Layout, found: Survey, rate: float | None,
     guess = None if to_caption is None else estimate(
         to_caption, output_budget(config), rate, gpus or assumed_gpus(config),
         fixed_length=config.defaults.fixed_length, max_attempts=config.quality.max_attempts,
-        notes=config_assumptions(config), stages=1 + max(mode.stage for mode in config.resolved_modes()),
+        notes=config_assumptions(config), stages=len(stage_groups(config.resolved_modes())),
         engine=config.engine.kind)
     return PlanReport(
         input=config.input.uri, format=layout.format, layout=layout.origin,

@@ -17,6 +17,7 @@ from pipeline.config.settings import ConfigError, RunConfig
 from pipeline.config.uris import canonical_uri
 
 log = logging.getLogger("pipeline.config.load")
+OWN_KEY = re.compile(r"[a-z_]+(\.[\w-]+)+: ")  # a message that starts with the key path it is about
 
 
 def _parse_value(text: str) -> Any:
@@ -56,9 +57,9 @@ def _format_errors(err: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        # A check across items names the exact key itself ("modes.2.requires: ..."): no second, vaguer prefix.
-        named = message.startswith(where + ".") or (not item["loc"] and re.match(r"[a-z_]+\.\S+: ", message))
-        lines.append(message if named else f"{where}: {message}")
+        # A check across items or sections names the exact key itself ("modes.2.requires: ..."): no second,
+        # vaguer prefix.
+        lines.append(message if OWN_KEY.match(message) else f"{where}: {message}")
     return "invalid config: " + "; ".join(lines)  # one line, like every error the console prints
 
 

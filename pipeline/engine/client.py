@@ -337,6 +337,33 @@ class RemoteLoop:
                 task.cancel()
 
 
+def connect(settings: EngineConfig, model_name: str, model_key: str) -> RemoteLoop:
+    """A client of the server at `settings.base_url`, once it lists its models (waiting up to `unreachable_s`) and
+    serves `model_name`; otherwise RemoteServerDownError / RemoteServerRefusedError naming `model_key` (the
+    config key that names the model), with the client shut down."""
+    loop = RemoteLoop(settings, model_name)
+    try:
+        served = loop.wait_ready()
+        if served and model_name not in served:
+            raise RemoteServerRefusedError(f"server at {loop.base_url} does not serve model {model_name!r} "
+                                           f"({model_key}); it serves {served}")
+    except BaseException:
+        loop.shutdown()
+        raise
+    return loop
+
+
+def mode_request(config: RunConfig, settings: EngineConfig, model_name: str, key: str, image: Any,
+                 mode: ResolvedMode, attempt: int, instruction: str) -> dict[str, Any]:
+    """The chat completion body for one (image, mode, attempt) to a server: `image` is a prepared image or its
+    data URI, sent only for a mode that is not text-only; the seed is the one the in-process engine would use."""
+    image_uri = None
+    if mode.image:
+        image_uri = image if isinstance(image, str) else image_data_uri(image)
+    seed = derive_seed(config.seed, key, mode.name, attempt)
+    return request_body(config, mode, instruction, image_uri, seed, model_name, settings)
+
+
 @dataclass
 class NamedEngine:
     """A server of the run's `engines:` that some modes send their requests to (`modes[].engine`), from any
@@ -349,27 +376,18 @@ class NamedEngine:
 
     @classmethod
     def start(cls, name: str, settings: EngineConfig) -> NamedEngine:
-        """Connected and checked (the server lists the model), or EngineStartError naming the engine."""
-        loop = RemoteLoop(settings, settings.model or name)
+        """Connected and checked (the server lists the model), or the client's error naming the engine."""
         try:
-            served = loop.wait_ready()
-            if served and loop.model_name not in served:
-                raise RemoteServerRefusedError(f"server at {loop.base_url} does not serve model {loop.model_name!r} "
-                                               f"(engines.{name}.model); it serves {served}")
+            loop = connect(settings, settings.model or name, f"engines.{name}.model")
         except (RemoteServerDownError, RemoteServerRefusedError) as err:
-            loop.shutdown()
             raise type(err)(f"engine {name!r}: {err}") from None
         log.info("engine %r: OpenAI-compatible server at %s ready (model %s)", name, loop.base_url, loop.model_name)
         return cls(name, settings, loop, AdmissionGate(settings.max_concurrency))
 
     def request(self, config: RunConfig, key: str, image: Any, mode: ResolvedMode, attempt: int,
                 instruction: str) -> tuple[dict[str, Any], Any]:
-        """The chat completion body for one (image, mode, attempt); `image` a prepared image or its data URI."""
-        image_uri = None
-        if mode.image:
-            image_uri = image if isinstance(image, str) else image_data_uri(image)
-        seed = derive_seed(config.seed, key, mode.name, attempt)
-        return request_body(config, mode, instruction, image_uri, seed, self.loop.model_name, self.settings), None
+        """The request for one (image, mode, attempt), as the admission code takes it (no sampling object)."""
+        return mode_request(config, self.settings, self.loop.model_name, key, image, mode, attempt, instruction), None
 
 
 def start_named_engines(config: RunConfig, modes: Sequence[ResolvedMode]) -> dict[str, NamedEngine]:

@@ -31,17 +31,17 @@ import logging
 import time
 from typing import Any, NoReturn
 
-from pipeline.captioning.modes import ResolvedMode, derive_seed
+from pipeline.captioning.modes import ResolvedMode
 from pipeline.config import RunConfig
 from pipeline.engine.actor import CaptionActor, EngineStartError
 from pipeline.engine.admission import AdmissionGate, AdmissionStats, EngineFailedError
 from pipeline.engine.client import (
-    RemoteLoop,
     RemoteServerDownError,
     RemoteServerRefusedError,
+    connect,
     image_data_uri,
+    mode_request,
     named_engine_failure,
-    request_body,
     start_named_engines,
 )
 from pipeline.engine.dedup import IndexClient
@@ -62,14 +62,9 @@ class RemoteCaptionActor(CaptionActor):
         settings = self.config.engine
         self.model_name = settings.model or self.config.model.path
         started = time.monotonic()
-        self.loop = RemoteLoop(settings, self.model_name)  # type: ignore[assignment]
         try:
-            served = self.loop.wait_ready()
-            if served and self.model_name not in served:
-                raise RemoteServerRefusedError(f"server at {self.loop.base_url} does not serve model "
-                                               f"{self.model_name!r} (engine.model); it serves {served}")
+            self.loop = connect(settings, self.model_name, "engine.model")  # type: ignore[assignment]
         except (RemoteServerDownError, RemoteServerRefusedError) as err:
-            self.loop.shutdown()
             # Fails the run in one line, as an in-process engine that cannot start does.
             raise EngineStartError(f"engine failed to start: {err}") from None
         self.gate = AdmissionGate(settings.max_concurrency)
@@ -93,9 +88,8 @@ class RemoteCaptionActor(CaptionActor):
         """The chat completion body for one (image, mode, attempt); `image` is the image's data URI."""
         if instruction is None:
             instruction = mode.instruction_for(self.config.seed, key)
-        seed = derive_seed(self.config.seed, key, mode.name, attempt)
-        image_uri = image if mode.image else None  # a text-only mode sends the instruction alone
-        return request_body(self.config, mode, instruction, image_uri, seed, self.model_name), None
+        return mode_request(self.config, self.config.engine, self.model_name, key, image, mode, attempt,
+                            instruction), None
 
     def caption(self, keys: list[str], images: list[Any], *args: Any, **kwargs: Any) -> list[list[Any]]:
         # PNG-encoded once per image, not once per mode and attempt; the rest as the in-process actor takes it.

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.captioning.modes import stage_groups
 from pipeline.config import RunConfig
 from pipeline.engine.dedup import digest
 from pipeline.table.records import known_fields, reason_kind  # reasons: as run summaries and `status` count them
@@ -201,7 +202,7 @@ def config_assumptions(config: RunConfig) -> list[str]:
         text_only = [mode.name for mode in chained if not mode.image]
         notes.append(
             f"chained modes: {len(chained)} of {len(modes)} run after the modes they require "
-            f"({1 + max(mode.stage for mode in modes)} stages an image); their output tokens are counted like any "
+            f"({len(stage_groups(modes))} stages an image); their output tokens are counted like any "
             f"mode's, the up to {carried} tokens of earlier captions their prompts carry are prefill (not counted)"
             + (f"; text-only ({', '.join(text_only)}): no image to encode" if text_only else ""))
     elsewhere = [f"{mode.name} on {mode.engine} ({config.engines[mode.engine].base_url})"

@@ -4,8 +4,6 @@ text-only rewrite of the description; a run killed between the stages of a chain
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,8 +11,8 @@ import pytest
 
 from pipeline.table.names import DATA, MARKERS
 from pipeline.testing.samples import SAMPLES
-from tests.integration.conftest import REPO, cli_command, last_summary, run_cli, write_config
-from tests.integration.test_resume import _kill_tree
+from tests.integration.conftest import last_summary, run_cli, write_config
+from tests.integration.test_resume import _run_until
 
 pytestmark = pytest.mark.integration
 
@@ -48,17 +46,8 @@ def test_a_chain_runs_in_order_and_a_kill_between_its_stages_is_finished_by_the_
                           input={"uri": str(samples), "shard_size": 2}, compute={"batch_size": 2})
     # The engine holds at its fifth text-only request: earlier batches are through every stage (and committed,
     # once the driver has their reports), the held one has its tags and descriptions and waits for stage 3.
-    process = subprocess.Popen(cli_command("run", str(config), launcher=("--hold-text-stage", f"4:600:{flag}")),
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not (flag.exists() and _markers(out)) and time.monotonic() < deadline:
-            assert process.poll() is None, process.communicate()[1][-3000:].decode(errors="replace")
-            time.sleep(0.3)
-        assert flag.exists(), "the chain's last stage was never reached"
-        time.sleep(2)  # commits of batches already through every stage land
-    finally:
-        _kill_tree(process)  # the driver and everything it started, as a SIGKILL of the machine's job does
+    assert _run_until(config, lambda: flag.exists() and bool(_markers(out)),
+                      launcher=("--hold-text-stage", f"4:600:{flag}")), "the run ended before its last stage was held"
     before = _markers(out)
     shards = len(SAMPLES) // 2
     assert 1 <= len(before) < shards

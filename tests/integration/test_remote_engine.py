@@ -264,7 +264,7 @@ def test_the_in_process_engine_sends_a_named_engines_modes_to_its_server(tmp_pat
 def test_a_chain_on_servers_killed_between_its_stages_is_finished_by_the_rerun(tmp_path: Path, tiny_model: Path,
                                                                              samples: Path, server: VllmServer):
     from tests.integration.test_chained_modes import CHAIN, _markers, check_chain
-    from tests.integration.test_resume import _kill_tree
+    from tests.integration.test_resume import _run_until
 
     out = tmp_path / "out"
 
@@ -283,16 +283,8 @@ def test_a_chain_on_servers_killed_between_its_stages_is_finished_by_the_rerun(t
     # After six rewrites the rewriter's server answers 503 to everything: the later images have their tags and
     # descriptions and wait for their last stage, the earlier ones are committed.
     with FaultProxy(upstream, [Fault.status(503, "Busy", key=r"/chat/completions$", times=None, after=6)]) as proxy:
-        process = subprocess.Popen(cli_command("run", str(config(proxy.url + "/v1"))), cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 600
-            while not (proxy.injected and _markers(out)) and time.monotonic() < deadline:
-                assert process.poll() is None, process.communicate()[1][-3000:].decode(errors="replace")
-                time.sleep(0.3)
-            time.sleep(3)  # commits of shards already through every stage land
-        finally:
-            _kill_tree(process)
+        assert _run_until(config(proxy.url + "/v1"), lambda: proxy.injected > 0 and bool(_markers(out))), \
+            "the run ended before its rewrites were refused"
     before = _markers(out)
     shards = len(SAMPLES) // 2
     assert proxy.injected and 1 <= len(before) < shards

@@ -75,10 +75,11 @@ def _in_last_commit(out: Path, since: float) -> bool:
     return _markers(out) + len(_parts_without_marker(out)) == SHARDS and bool(_waiting_since(out, since))
 
 
-def _run_until(config: Path, moment: Callable[[], bool], timeout: float = 600, pause: str | None = None) -> bool:
-    """Start the run (with `pause`, MOMENT:SECONDS, its commits hold there); SIGKILL it when `moment()` holds.
-    True if it was killed, False if it finished first."""
-    process = subprocess.Popen(cli_command("run", str(config), pause=pause), cwd=REPO,
+def _run_until(config: Path, moment: Callable[[], bool], timeout: float = 600, pause: str | None = None,
+               launcher: tuple[str, ...] = ()) -> bool:
+    """Start the run (with `pause`, MOMENT:SECONDS, its commits hold there; `launcher`: more test-launcher flags);
+    SIGKILL it and everything it started when `moment()` holds. True if it was killed, False if it finished first."""
+    process = subprocess.Popen(cli_command("run", str(config), pause=pause, launcher=launcher), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                env=dict(os.environ))
     deadline = time.monotonic() + timeout
